@@ -1,0 +1,87 @@
+"""LightningDataModule: streamed training batches (+ teacher scores) and retrieval-evaluation loaders."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import pytorch_lightning as pl
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from kdir.data.collate import TrainCollator
+from kdir.data.dataset import IRDataset
+from kdir.data.examples import Examples, QrelsExamples, TripleExamples
+from kdir.data.stream import ExampleStream
+
+if TYPE_CHECKING:
+    from kdir.evaluation import RetrievalEvaluator
+    from kdir.losses.base import Layout
+    from kdir.students.dual_encoder import DualEncoder
+    from kdir.teachers.score_table import ScoreTable
+
+log = logging.getLogger(__name__)
+
+
+class DistillDataModule(pl.LightningDataModule):
+    """Training stream over ``train`` + evaluation over ``val`` / ``test`` evaluators.
+
+    Args:
+        train: the training split.
+        examples: how training examples are formed (``QrelsExamples`` or ``TripleExamples``).
+        batch_size: queries per batch and device.
+        num_workers: dataloader workers per device (each takes its own share of the stream).
+        seed: seed of the example order and negative sampling.
+        student / layout / teacher: set by ``kdir.run``: tokenisation, candidate layout and the cached
+            teacher scores (``None``: no teacher signal in the batch).
+        val / test: evaluators, set by ``kdir.run`` from the ``eval`` config.
+    """
+
+    def __init__(self, train: IRDataset, examples: QrelsExamples | TripleExamples, batch_size: int = 32,
+                 num_workers: int = 0, seed: int = 42, shuffle: bool = True, student: DualEncoder | None = None,
+                 layout: Layout = "pairwise", teacher: ScoreTable | None = None,
+                 val: RetrievalEvaluator | None = None, test: RetrievalEvaluator | None = None):  # fmt: skip
+        super().__init__()
+        self.train, self.batch_size, self.num_workers = train, batch_size, num_workers
+        self.seed, self.shuffle, self.student, self.layout = seed, shuffle, student, layout
+        self.examples: Examples = examples.build(train)
+        self.teacher = teacher.bind(train) if teacher is not None else None
+        self.val, self.test = val, test
+        self.stream: ExampleStream | None = None
+        signal = f"cached scores ({len(self.teacher)} pairs)" if self.teacher else "none"
+        log.info("train: %s, %d examples, %d negatives each; teacher signal: %s",
+                 train.name, len(self.examples), self.examples.n_negatives, signal)  # fmt: skip
+
+    def _world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.stream is not None:
+            self.stream.set_epoch(epoch)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.student is None:
+            raise RuntimeError("DistillDataModule needs the student (for tokenisation): pass student=...")
+        rank, world = self._world()
+        epoch = self.stream.epoch if self.stream is not None else 0
+        self.stream = ExampleStream(self.examples, self.batch_size, self.seed, self.shuffle, rank, world)
+        self.stream.set_epoch(epoch)
+        collate = TrainCollator(self.train, self.student.query_formatter, self.student.doc_formatter,
+                                self.layout, self.teacher)  # fmt: skip
+        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=collate,
+                          persistent_workers=False, pin_memory=False)  # fmt: skip
+
+    def _eval_loaders(self, evaluator: RetrievalEvaluator | None, stage: str) -> list[DataLoader]:
+        if evaluator is None:
+            return []
+        return evaluator.dataloaders(self.student.query_formatter, self.student.doc_formatter, self.num_workers)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.val, "val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.test, "test")

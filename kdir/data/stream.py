@@ -1,0 +1,73 @@
+"""The training stream: examples grouped into batches, sharded by (rank, dataloader worker).
+
+Each epoch the example order is a seeded permutation, cut into ``n_batches`` nearly equal batches with
+``n_batches`` a multiple of the world size. Rank ``r`` takes batches ``r, r+W, ...`` and worker ``w`` of
+that rank every ``num_workers``-th of those. So every example is seen exactly once per epoch across all
+ranks, and every rank runs the same number of steps (no DDP hang on a ragged last batch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from kdir.data.examples import Examples
+from kdir.errors import EmptySplitError
+
+
+class ExampleStream(IterableDataset):
+    """Yields ``dict(rows, queries, positives, negatives)`` int arrays, one batch at a time.
+
+    Args:
+        examples: the training examples.
+        batch_size: examples per batch and rank.
+        seed: base seed; the order and the sampled negatives depend only on (seed, epoch, batch).
+        shuffle: permute the examples each epoch.
+        rank / world_size: this process's place in data-parallel training (set by the datamodule).
+    """
+
+    def __init__(self, examples: Examples, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):  # fmt: skip
+        super().__init__()
+        if len(examples) < world_size:
+            raise EmptySplitError(f"{len(examples)} training examples cannot feed {world_size} ranks")
+        self.examples, self.batch_size, self.seed, self.shuffle = examples, batch_size, seed, shuffle
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def n_batches(self) -> int:
+        """Batches per epoch over all ranks (a multiple of the world size)."""
+        n = math.ceil(len(self.examples) / self.batch_size)
+        return math.ceil(n / self.world_size) * self.world_size
+
+    def __len__(self) -> int:
+        return self.n_batches() // self.world_size
+
+    def batches(self) -> list[np.ndarray]:
+        """The whole epoch's plan: example rows of every batch, all ranks."""
+        n = len(self.examples)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        return np.array_split(order, self.n_batches())
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        plan = self.batches()
+        mine = range(self.rank, len(plan), self.world_size)[worker::n_workers]
+        ex = self.examples
+        for b in mine:
+            rows = plan[b]
+            if len(rows) == 0:  # only when there are fewer examples than batches
+                continue
+            rng = np.random.default_rng([self.seed, self.epoch, b, 1])
+            yield {
+                "rows": torch.from_numpy(rows),
+                "queries": ex.queries[rows],
+                "positives": ex.positives[rows],
+                "negatives": ex.negatives_for(rows, rng),
+            }

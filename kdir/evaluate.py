@@ -1,0 +1,57 @@
+"""Retrieval evaluation: ``python -m kdir.evaluate student=<option> eval=<option> [split=test]``.
+
+Encode the corpus and queries, FAISS top-k (exact inner product unless ``eval.<split>.index_factory``
+says otherwise), write a TREC run, score it with ir-measures, print a table, save ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import kdir  # noqa: F401  (registers config resolvers)
+from kdir.errors import KdirError
+from kdir.metrics import write_trec_run
+from kdir.utils import print_metrics, save_json
+
+log = logging.getLogger("kdir.evaluate")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    out = Path(cfg.paths.output_dir)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    if not cfg.eval.get(cfg.split):
+        raise KdirError(f"eval={cfg.eval} has no {cfg.split!r} split (choose split=val or split=test)")
+    evaluator = instantiate(cfg.eval[cfg.split])
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = instantiate(cfg.student).to(device)
+    log.info("evaluating on %s: %d queries, %d documents, device %s", evaluator.dataset.name,
+             len(evaluator.dataset.queries), len(evaluator.dataset.corpus), device)  # fmt: skip
+    start = time.perf_counter()
+    with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        metrics, run = evaluator.evaluate(encoder, device=device)
+    seconds = time.perf_counter() - start
+    write_trec_run(run, out / "run.trec", tag=cfg.run_name)
+    save_json({"dataset": evaluator.dataset.name, "metrics": metrics, "seconds": seconds}, out / "metrics.json")
+    print_metrics({cfg.run_name: metrics}, title=f"{evaluator.dataset.name} ({seconds:.1f} s) — {out}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = evaluate(cfg)
+    except (KdirError, FileNotFoundError, ValueError, KeyError) as e:
+        log.error("%s: %s", type(e).__name__, e)
+        raise SystemExit(2) from None
+    return metrics.get(cfg.optimized_metric)
+
+
+if __name__ == "__main__":
+    main()

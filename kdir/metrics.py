@@ -1,0 +1,52 @@
+"""Run files and metrics with `ir-measures <https://ir-measur.es>`_ (the same measures as the papers)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import ir_measures
+import numpy as np
+
+Run = dict[str, dict[str, float]]
+
+
+def parse_measures(names: Iterable[str]) -> list:
+    """Parse ir-measures strings (``nDCG@10``, ``RR(rel=2)@10``, ``R@1000``); a bad name is a clear error."""
+    out = []
+    for name in names:
+        try:
+            out.append(ir_measures.parse_measure(str(name)))
+        except Exception as e:  # ir-measures raises several types on bad input
+            raise ValueError(f"unknown ir-measures measure {name!r}: {e}") from None
+    return out
+
+
+def run_from_topk(query_ids: list[str], doc_ids: list[str], scores: np.ndarray, rows: np.ndarray) -> Run:
+    """``{qid: {pid: score}}`` from FAISS output (``rows`` index ``doc_ids``; -1 = no hit)."""
+    run: Run = {}
+    for qid, s_row, d_row in zip(query_ids, scores.tolist(), rows.tolist()):
+        run[qid] = {doc_ids[d]: s for s, d in zip(s_row, d_row) if d >= 0}
+    return run
+
+
+def evaluate_run(run: Run, qrels: Mapping[str, Mapping[str, int]], measures: Iterable[str]) -> dict[str, float]:
+    """Aggregate metrics of ``run`` against ``qrels``: ``{"nDCG@10": 0.64, ...}`` (keys as given)."""
+    names = [str(m) for m in measures]
+    parsed = parse_measures(names)
+    agg = ir_measures.calc_aggregate(parsed, qrels, run)
+    return {name: float(agg[m]) for name, m in zip(names, parsed)}
+
+
+def write_trec_run(run: Run, path: str | Path, tag: str = "kdir") -> Path:
+    """Write ``qid Q0 pid rank score tag`` lines, ranks from 1 by descending score (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for qid, docs in run.items():
+            for rank, (pid, score) in enumerate(sorted(docs.items(), key=lambda x: -x[1]), start=1):
+                f.write(f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n")
+    os.replace(tmp, path)
+    return path

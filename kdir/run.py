@@ -1,0 +1,105 @@
+"""Distillation training: ``python -m kdir.run [experiment=...] [group=option] [key=value]``.
+
+Seed → student, loss, teacher signal, data, evaluators → Lightning trainer → fit → test the best
+checkpoint → export the student (HF format) → metrics table, before vs after training.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import kdir  # noqa: F401  (registers config resolvers)
+from kdir.errors import KdirError
+from kdir.module import DistillModule
+from kdir.utils import instantiate_group, print_metrics, save_json
+
+log = logging.getLogger("kdir.run")
+
+
+def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Run one distillation job; returns ``{"untrained": {...}, "trained": {...}}`` test metrics."""
+    pl.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+
+    log.info("student <%s>", cfg.student._target_)
+    student = instantiate(cfg.student)
+    loss = instantiate(cfg.loss)
+    log.info("loss %r", loss)
+    teacher = instantiate(cfg.teacher) if cfg.get("teacher") else None
+    if loss.uses_teacher and teacher is None:
+        raise KdirError(f"loss {loss.name!r} needs a teacher signal: choose one, e.g. teacher=scores teacher.path=...")
+    val = instantiate(cfg.eval.val) if cfg.eval.get("val") else None
+    test = instantiate(cfg.eval.test) if cfg.eval.get("test") else None
+    datamodule = instantiate(cfg.data, student=student, layout=loss.layout,
+                             teacher=teacher if loss.uses_teacher else None, val=val, test=test)  # fmt: skip
+    module = DistillModule(student, loss, instantiate(cfg.optim.optimizer), cfg.optim.warmup, val, test, out)
+
+    if val is None and cfg.get("callbacks") and "model_checkpoint" in cfg.callbacks:
+        with open_dict(cfg):
+            cfg.callbacks.model_checkpoint.monitor = None  # no validation: keep the last checkpoint
+    callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    results: dict[str, dict[str, float]] = {}
+    if cfg.eval_untrained and test is not None and trainer.is_global_zero:
+        log.info("evaluating the untrained student on %s", test.dataset.name)
+        results["untrained"], _ = test.evaluate(student, device=module.device, progress=False)
+
+    trainer.fit(module, datamodule=datamodule)
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    if trainer.fast_dev_run:
+        best = None
+    if test is not None:
+        log.info("testing %s", best or "the final weights")
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        results["trained"] = {k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items()
+                              if k.startswith("test/")}  # fmt: skip
+    if trainer.is_global_zero:
+        if cfg.export_student and not trainer.fast_dev_run:
+            student.save_pretrained(out / "student")
+            log.info("student exported to %s (AutoModel.from_pretrained works on it)", out / "student")
+        _report(results, test, out, best)
+    return results
+
+
+def _report(results: dict, test, out: Path, best: str | None) -> None:
+    save_json(results | {"best_checkpoint": best}, out / "metrics.json")
+    if not results:
+        return
+    print_metrics(results, title=f"{test.dataset.name if test else ''} — {out}")
+    before, after = results.get("untrained"), results.get("trained")
+    if before and after and "nDCG@10" in after:
+        delta = after["nDCG@10"] - before["nDCG@10"]
+        verdict = "beats" if delta > 0 else "does NOT beat"
+        print(f"The trained student {verdict} its untrained self on {test.dataset.name}: "
+              f"nDCG@10 {before['nDCG@10']:.4f} -> {after['nDCG@10']:.4f} ({delta:+.4f}).")  # fmt: skip
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="run")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns ``optimized_metric`` for sweepers."""
+    try:
+        results = train(cfg)
+    except (KdirError, FileNotFoundError, ValueError, KeyError) as e:
+        log.error("%s: %s", type(e).__name__, e)
+        raise SystemExit(2) from None
+    metric = cfg.get("optimized_metric", "")
+    stage, _, name = metric.partition("/")
+    value = results.get("trained" if stage == "test" else stage, {}).get(name)
+    if HydraConfig.initialized() and value is not None:
+        log.info("%s = %.4f", metric, value)
+    return value
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Dual encoder (bi-encoder) over any Hugging Face encoder.
+
+``score(q, d) = <f_q(q), f_d(d)>`` where ``f`` = backbone → pooling (``cls`` / ``mean``, optionally
+skipping leading marker tokens) → optional linear projection → optional L2 normalisation
+(``similarity="cosine"``). Towers are shared (BERT-dot, Hofstätter et al. 2020) or separate.
+
+Checkpoints are Hugging Face folders: the query tower and tokenizer at the top level (so
+``AutoModel.from_pretrained(path)`` works anywhere), the document tower in ``doc/`` when it is
+separate, and ``kdir_student.json`` (+ ``projection.safetensors``) for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+Side = Literal["query", "doc"]
+CONFIG_NAME = "kdir_student.json"
+
+
+class TextFormatter:
+    """Turns raw texts of one side into model inputs: optional text prefix, truncation, padding.
+
+    Light and picklable, so dataloader workers carry it instead of the model.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, prefix: str = ""):
+        self.tokenizer, self.max_length, self.prefix = tokenizer, max_length, prefix
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        if self.prefix:
+            texts = [self.prefix + t for t in texts]
+        enc = self.tokenizer(
+            list(texts), max_length=self.max_length, truncation=True, padding=True, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def _load_backbone(name_or_path: str | Path) -> nn.Module:
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report would list the skipped pooler weights
+    try:  # BERT-like models: skip the pooler head, unused by kdir's pooling
+        model = AutoModel.from_pretrained(str(name_or_path), add_pooling_layer=False)
+    except TypeError:
+        model = AutoModel.from_pretrained(str(name_or_path))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # unused by kdir's pooling; would leave DDP with parameters without gradients
+    return model
+
+
+class DualEncoder(nn.Module):
+    """A bi-encoder student (or teacher) over Hugging Face backbones.
+
+    Args:
+        model_name_or_path: hub name or local folder of the (query) backbone, or a kdir checkpoint.
+        pooling: ``cls`` (first token) or ``mean`` (over non-padding tokens).
+        skip_tokens: leading tokens left out of mean pooling (e.g. 4 for TCT-ColBERT's ``[CLS] [ q ]``).
+        shared: one backbone for queries and documents (the default) or two towers.
+        doc_model_name_or_path: document backbone when ``shared=False`` (defaults to the query one).
+        projection_dim: add a linear map to this size after pooling (``None``: no projection).
+        similarity: ``dot`` (raw inner product) or ``cosine`` (L2-normalised embeddings, inner product).
+        query_max_length / doc_max_length: truncation lengths in tokens.
+        query_prefix / doc_prefix: text markers prepended before tokenisation (e.g. ``"[Q] "``).
+        tokenizer_name_or_path: tokenizer source if not the model folder.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | Path,
+        pooling: Literal["cls", "mean"] = "mean",
+        skip_tokens: int = 0,
+        shared: bool = True,
+        doc_model_name_or_path: str | Path | None = None,
+        projection_dim: int | None = None,
+        similarity: Literal["dot", "cosine"] = "dot",
+        query_max_length: int = 32,
+        doc_max_length: int = 256,
+        query_prefix: str = "",
+        doc_prefix: str = "",
+        tokenizer_name_or_path: str | Path | None = None,
+    ):
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        if similarity not in ("dot", "cosine"):
+            raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
+        path = Path(str(model_name_or_path))
+        doc_path = doc_model_name_or_path
+        if doc_path is None and not shared and (path / "doc").is_dir():
+            doc_path = path / "doc"
+        self.config = dict(
+            pooling=pooling, skip_tokens=skip_tokens, shared=shared, projection_dim=projection_dim,
+            similarity=similarity, query_max_length=query_max_length, doc_max_length=doc_max_length,
+            query_prefix=query_prefix, doc_prefix=doc_prefix,
+        )  # fmt: skip
+        self.query_encoder = _load_backbone(model_name_or_path)
+        self.doc_encoder = self.query_encoder if shared else _load_backbone(doc_path or model_name_or_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_name_or_path or model_name_or_path))
+        if not self.tokenizer.is_fast:
+            raise ValueError(f"{tokenizer_name_or_path or model_name_or_path}: kdir needs a fast tokenizer")
+        hidden = self.query_encoder.config.hidden_size
+        self.query_projection = nn.Linear(hidden, projection_dim) if projection_dim else None
+        self.doc_projection = (
+            self.query_projection if shared or not projection_dim else nn.Linear(hidden, projection_dim)
+        )
+        if projection_dim and (path / "projection.safetensors").is_file():
+            self._load_projection(path / "projection.safetensors")
+        self.query_formatter = TextFormatter(self.tokenizer, query_max_length, query_prefix)
+        self.doc_formatter = TextFormatter(self.tokenizer, doc_max_length, doc_prefix)
+
+    @property
+    def dim(self) -> int:
+        return self.config["projection_dim"] or self.query_encoder.config.hidden_size
+
+    def formatter(self, side: Side) -> TextFormatter:
+        return self.query_formatter if side == "query" else self.doc_formatter
+
+    def pool(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """Pool token states ``[N, L, H]`` with attention mask ``[N, L]`` into ``[N, H]``."""
+        if self.config["pooling"] == "cls":
+            return hidden[:, 0]
+        mask = mask.to(hidden.dtype)
+        if self.config["skip_tokens"]:
+            mask = mask.clone()
+            mask[:, : self.config["skip_tokens"]] = 0
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+
+    def encode(self, tokens: dict[str, Tensor], side: Side) -> Tensor:
+        """Embed tokenised texts of one side: ``[N, dim]``."""
+        encoder = self.query_encoder if side == "query" else self.doc_encoder
+        hidden = encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        emb = self.pool(hidden, tokens["attention_mask"])
+        proj = self.query_projection if side == "query" else self.doc_projection
+        if proj is not None:
+            emb = proj(emb)
+        if self.config["similarity"] == "cosine":
+            emb = nn.functional.normalize(emb, dim=-1)
+        return emb
+
+    @staticmethod
+    def score(queries: Tensor, docs: Tensor) -> Tensor:
+        """Full score matrix ``[Nq, Nd]`` (inner product; cosine when embeddings are normalised)."""
+        return queries @ docs.T
+
+    @torch.inference_mode()
+    def encode_texts(
+        self,
+        texts: Sequence[str],
+        side: Side,
+        batch_size: int = 128,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Embed many texts in length-sorted batches (less padding); returns ``[N, dim]`` fp32 on CPU."""
+        from tqdm.auto import tqdm
+
+        device = device or next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = torch.empty(len(texts), self.dim)
+        fmt = self.formatter(side)
+        starts = range(0, len(texts), batch_size)
+        for s in tqdm(starts, desc=f"encode {side}", disable=not progress, unit="batch"):
+            idx = order[s : s + batch_size]
+            tokens = {k: v.to(device) for k, v in fmt([texts[i] for i in idx]).items()}
+            out[idx] = self.encode(tokens, side).float().cpu()
+        self.train(was_training)
+        return out
+
+    def encode_queries(self, texts: Sequence[str], **kw) -> Tensor:
+        return self.encode_texts(texts, "query", **kw)
+
+    def encode_docs(self, texts: Sequence[str], **kw) -> Tensor:
+        return self.encode_texts(texts, "doc", **kw)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write an HF-format folder (query tower + tokenizer at top level) that :meth:`from_pretrained` reads."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.query_encoder.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        if not self.config["shared"]:
+            self.doc_encoder.save_pretrained(path / "doc")
+        if self.query_projection is not None:
+            tensors = {f"query.{k}": v for k, v in self.query_projection.state_dict().items()}
+            tensors |= {f"doc.{k}": v for k, v in self.doc_projection.state_dict().items()}
+            save_file({k: v.contiguous() for k, v in tensors.items()}, path / "projection.safetensors")
+        (path / CONFIG_NAME).write_text(json.dumps(self.config, indent=2))
+        return path
+
+    def _load_projection(self, file: Path) -> None:
+        tensors = load_file(file)
+        self.query_projection.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("query.")})
+        self.doc_projection.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("doc.")})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> DualEncoder:
+        """Load a kdir checkpoint folder (its saved settings, updated by ``overrides``) or any HF encoder."""
+        cfg_file = Path(str(path)) / CONFIG_NAME
+        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        return cls(path, **(config | overrides))

@@ -1,0 +1,61 @@
+"""Shared fixtures: the quickstart assets (generated once per session, offline) and tiny data files."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kdir_cache(tmp_path_factory) -> Path:
+    """Point KDIR_CACHE at a session folder so the quickstart is built fresh, once, offline."""
+    cache = tmp_path_factory.mktemp("kdir_cache")
+    os.environ["KDIR_CACHE"] = str(cache)
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.pop("WANDB_API_KEY", None)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def quickstart(kdir_cache) -> dict[str, Path]:
+    from kdir.quickstart import ensure
+
+    return {"data": Path(ensure("data")), "model": Path(ensure("model"))}
+
+
+@pytest.fixture(scope="session")
+def tiny_student(quickstart):
+    from kdir.students import DualEncoder
+
+    return DualEncoder(quickstart["model"], pooling="mean", query_max_length=16, doc_max_length=32)
+
+
+@pytest.fixture
+def beir_dir(tmp_path) -> Path:
+    """A 6-document BEIR folder: train has q1→d1, q2→d2 (+ d3 graded 2); test has q3→d4."""
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    docs = {f"d{i}": f"document number {i} about topic {i % 3}" for i in range(1, 7)}
+    (root / "corpus.jsonl").write_text(
+        "".join(f'{{"_id": "{k}", "title": "T{k}", "text": "{v}"}}\n' for k, v in docs.items())
+    )
+    queries = {"q1": "first query", "q2": "second query", "q3": "third query"}
+    (root / "queries.jsonl").write_text("".join(f'{{"_id": "{k}", "text": "{v}"}}\n' for k, v in queries.items()))
+    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\nq2\td3\t2\n")
+    (root / "qrels" / "test.tsv").write_text("q3\td4\t1\n")  # no header line
+    return root
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300):
+    """Run ``python -m <args>`` in a subprocess with the test environment; returns CompletedProcess."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})  # fmt: skip

@@ -1,0 +1,115 @@
+"""End to end: the Hydra apps, every experiment config, multirun, loggers, DDP, and error exits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import CONF, run_cli
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def _cfg(tmp_path: Path, overrides: list[str], name: str = "run"):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        del cfg["hydra"]  # as in the real app: the task config has no hydra node
+    return cfg
+
+
+def test_quickstart_student_beats_its_untrained_self(tmp_path, quickstart):
+    from kdir.run import train
+
+    results = train(_cfg(tmp_path, ["logger=csv"]))
+    before, after = results["untrained"], results["trained"]
+    assert after["nDCG@10"] > before["nDCG@10"] + 0.2, results
+    for f in ("config.yaml", "metrics.json", "runs/test.trec", "student/config.json", "csv/metrics.csv"):
+        assert (tmp_path / f).is_file(), f
+    assert json.loads((tmp_path / "metrics.json").read_text())["trained"]["nDCG@10"] == after["nDCG@10"]
+    assert "val/nDCG@10" in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_config_runs_fast_dev_run(tmp_path, experiment, quickstart):
+    from kdir.run import train
+
+    cfg = _cfg(tmp_path, [f"experiment={experiment}", "debug=fast", "data.num_workers=0"])
+    results = train(cfg)
+    assert set(results["trained"]) >= {"nDCG@10", "RR@10", "R@100", "R@1000"}
+
+
+def test_all_config_options_compose_and_instantiate_where_offline(tmp_path, quickstart):
+    from hydra.utils import instantiate
+
+    for option in ("infonce", "margin_mse"):
+        assert instantiate(_cfg(tmp_path, [f"loss={option}"]).loss).name == option
+    for option in ("cpu", "ddp_cpu", "default"):
+        assert _cfg(tmp_path, [f"trainer={option}"]).trainer._target_ == "pytorch_lightning.Trainer"
+    assert _cfg(tmp_path, ["teacher=none"]).teacher is None
+
+
+def test_multirun_writes_one_directory_per_job(tmp_path, quickstart):
+    sweep = tmp_path / "sweep"
+    r = run_cli("kdir.run", "-m", "loss=margin_mse,infonce", "trainer.max_epochs=1", "eval_untrained=false",
+                f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert [p.name for p in jobs] == ["0_tiny__quickstart__margin_mse", "1_tiny__quickstart__infonce"]
+    for job in jobs:
+        for f in ("config.yaml", "metrics.json", "runs/test.trec", "student/model.safetensors"):
+            assert (job / f).is_file(), job / f
+        assert list((job / "checkpoints").glob("best-*.ckpt"))
+    assert "infonce" in (jobs[1] / "config.yaml").read_text()
+
+
+def test_wandb_logger_works_offline(tmp_path, quickstart):
+    from kdir.run import train
+
+    train(_cfg(tmp_path, ["logger=wandb", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+                          "eval_untrained=false"]))  # fmt: skip
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
+    assert "val/nDCG@10" in summary and "test/nDCG@10" in summary
+    assert "margin_mse" in (runs[0] / "files" / "config.yaml").read_text()
+
+
+def test_evaluate_cli_writes_run_metrics_and_table(tmp_path, quickstart):
+    r = run_cli("kdir.evaluate", f"hydra.run.dir={tmp_path}", "eval.test.index_factory=HNSW32",
+                "eval.metrics=[nDCG@10,P@5]")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"nDCG@10", "P@5"}
+    assert (tmp_path / "run.trec").read_text().count("\n") == 200 * 1000
+    assert "nDCG@10" in r.stdout
+
+
+def test_ddp_two_cpu_processes_train_and_evaluate(tmp_path, quickstart):
+    r = run_cli("kdir.run", "trainer=ddp_cpu", "trainer.max_epochs=1", "eval_untrained=false", "logger=none",
+                f"hydra.run.dir={tmp_path}")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["trained"]["nDCG@10"] > 0.05
+    assert (tmp_path / "runs" / "test.trec").read_text().count("\n") == 200 * 1000
+
+
+@pytest.mark.parametrize("args,message", [
+    (["loss=nope"], "Could not find 'loss/nope'"),
+    (["trainer.no_such_key=1"], "no_such_key"),
+    (["data.train.root=/does/not/exist"], "/does/not/exist: no such dataset folder"),
+    (["teacher=none"], "loss 'margin_mse' needs a teacher signal"),
+    (["eval.metrics=[nDGC@10]"], "unknown ir-measures measure 'nDGC@10'"),
+])  # fmt: skip
+def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path, args, message, quickstart):
+    r = run_cli("kdir.run", *args, "eval_untrained=false", f"hydra.run.dir={tmp_path}")
+    assert r.returncode != 0
+    assert message in r.stderr + r.stdout
