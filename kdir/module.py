@@ -21,6 +21,7 @@ from kdir.evaluation import RetrievalEvaluator
 from kdir.losses.base import Candidates, Loss
 from kdir.metrics import Run, write_trec_run
 from kdir.students.dual_encoder import DualEncoder
+from kdir.teachers.signal import TeacherSignal
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,16 @@ class DistillModule(pl.LightningModule):
         warmup: linear warm-up steps (``>= 1``) or fraction of all steps (``< 1``), then linear decay to 0.
         val / test: evaluators for end-to-end retrieval at validation / test time.
         output_dir: where test run files and metrics go.
+        signal: the teacher signal (``None`` for hard-label losses). Its teacher model is frozen, moved to
+            this module's device, and kept out of the checkpoint and the optimizer.
     """
 
     def __init__(self, student: DualEncoder, loss: Loss, optimizer: Callable[..., torch.optim.Optimizer],
                  warmup: float = 0.1, val: RetrievalEvaluator | None = None, test: RetrievalEvaluator | None = None,
-                 output_dir: str | Path | None = None):  # fmt: skip
+                 output_dir: str | Path | None = None, signal: TeacherSignal | None = None):  # fmt: skip
         super().__init__()
         self.student, self.loss, self.optimizer_factory, self.warmup = student, loss, optimizer, warmup
+        self.signal = signal  # a plain attribute, not a submodule: no teacher weights in checkpoints
         self.evaluators = {"val": val, "test": test}
         self.output_dir = Path(output_dir) if output_dir else None
         self._encoded: dict[str, list[tuple[Tensor, Tensor]]] = {"query": [], "doc": []}
@@ -49,21 +53,14 @@ class DistillModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def candidates(self, batch: dict) -> Candidates:
-        """Student scores (and teacher scores from the batch) in the batch's candidate layout."""
-        q = self.student.encode(batch["query"], "query")  # [B, dim]
-        d = self.student.encode(batch["doc"], "doc")[batch["doc_index"]]  # [B(1+n), dim], positives first
-        scores = self.student.score(q, d).float()  # [B, B(1+n)]
-        student = scores.gather(1, batch["columns"])  # [B, C] in the layout
-        teacher = batch.get("teacher")
+        """Student scores (and teacher scores) ``[B, C]`` in the batch's candidate layout."""
+        student = self.student(batch["inputs"]).float()
+        teacher = self.signal.scores(batch) if self.signal is not None else None
         mask = torch.ones_like(student, dtype=torch.bool) if teacher is None else ~torch.isnan(teacher)
         return Candidates(student, teacher, batch["positive"], mask, batch["false_negative"], self.loss.layout)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         c = self.candidates(batch)
-        if self.loss.uses_teacher and c.teacher is not None and not c.mask.all():
-            missing = int((~c.mask).sum())
-            raise KeyError(f"{missing} candidate pairs of this batch have no cached teacher score; "
-                           "score them first or use a layout the teacher file covers")  # fmt: skip
         loss = self.loss(c)
         bs = c.student.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -72,6 +69,12 @@ class DistillModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._set_epoch()
+        if self.signal is not None:
+            self.signal.to(self.device)
+
+    def on_train_end(self) -> None:
+        if self.signal is not None:
+            self.signal.flush()
 
     def on_train_epoch_start(self) -> None:
         self._set_epoch()

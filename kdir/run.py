@@ -33,14 +33,15 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     student = instantiate(cfg.student)
     loss = instantiate(cfg.loss)
     log.info("loss %r", loss)
-    teacher = instantiate(cfg.teacher) if cfg.get("teacher") else None
-    if loss.uses_teacher and teacher is None:
-        raise KdirError(f"loss {loss.name!r} needs a teacher signal: choose one, e.g. teacher=scores teacher.path=...")
+    signal = instantiate(cfg.teacher) if cfg.get("teacher") and loss.uses_teacher else None
+    if loss.uses_teacher and signal is None:
+        raise KdirError(
+            f"loss {loss.name!r} needs a teacher signal: choose one, e.g. teacher=scores teacher.store=..."
+        )
     val = instantiate(cfg.eval.val) if cfg.eval.get("val") else None
     test = instantiate(cfg.eval.test) if cfg.eval.get("test") else None
-    datamodule = instantiate(cfg.data, student=student, layout=loss.layout,
-                             teacher=teacher if loss.uses_teacher else None, val=val, test=test)  # fmt: skip
-    module = DistillModule(student, loss, instantiate(cfg.optim.optimizer), cfg.optim.warmup, val, test, out)
+    datamodule = instantiate(cfg.data, model=student, layout=loss.layout, signal=signal, val=val, test=test)
+    module = DistillModule(student, loss, instantiate(cfg.optim.optimizer), cfg.optim.warmup, val, test, out, signal)
 
     if val is None and cfg.get("callbacks") and "model_checkpoint" in cfg.callbacks:
         with open_dict(cfg):

@@ -1,4 +1,4 @@
-"""Candidate layouts, false-negative masks, document de-duplication and teacher lookups in a batch."""
+"""Candidate layouts, false-negative masks, document de-duplication and the teacher signal in a batch."""
 
 from __future__ import annotations
 
@@ -6,19 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from kdir.data.collate import TrainCollator, candidate_columns, candidate_docs
+from kdir.data.collate import TrainCollator, candidate_columns
 from kdir.data.dataset import IRDataset
-from kdir.teachers import ScoreTable
+from kdir.errors import KdirError
+from kdir.stores import ScoreStore, pair_keys_from_ids
+from kdir.teachers import BiEncoder, TeacherSignal
 
 
-def test_inbatch_layout_puts_own_positive_at_column_i():
-    pos, neg = np.array([10, 11, 12]), np.array([[20, 21], [22, 23], [24, 25]])
-    docs = candidate_docs(pos, neg, "inbatch")
-    assert docs.shape == (3, 9)
-    assert [docs[i, i] for i in range(3)] == [10, 11, 12]
-    assert docs[0].tolist() == [10, 11, 12, 20, 21, 22, 23, 24, 25]
-    assert candidate_docs(pos, neg, "pairwise").tolist() == [[10, 20, 21], [11, 22, 23], [12, 24, 25]]
+def test_layout_columns_put_own_positive_first():
     assert candidate_columns(3, 2, "pairwise").tolist() == [[0, 3, 4], [1, 5, 6], [2, 7, 8]]
+    inb = candidate_columns(3, 2, "inbatch")
+    assert inb.shape == (3, 9) and [inb[i, i] for i in range(3)] == [0, 1, 2]
 
 
 def _item(ds, pairs, negs):
@@ -28,19 +26,30 @@ def _item(ds, pairs, negs):
     return {"rows": torch.arange(len(q)), "queries": q, "positives": p, "negatives": n}
 
 
-def test_collator_dedups_docs_marks_false_negatives_and_reads_teacher(beir_dir, tiny_student, tmp_path):
+def _ids(ds, batch, row, col_list):
+    """Document ids of a batch row's candidates (by decoding through the collated candidate indices)."""
+    return [col_list[c] for c in batch["inputs"]["candidates"][row].tolist()]
+
+
+@pytest.fixture
+def scored(beir_dir, tmp_path):
     ds = IRDataset.from_beir(beir_dir, "train")
-    scores = tmp_path / "scores.tsv"
-    scores.write_text("q1\td1\t5.0\nq1\td4\t1.0\nq2\td2\t6.0\nq2\td3\t4.5\nq2\td4\t2.0\n")
-    teacher = ScoreTable(scores).bind(ds)
-    # q2 has two positives (d2, d3): d3 as q2's negative column is a false negative
+    f = tmp_path / "scores.tsv"
+    f.write_text("q1\td1\t5.0\nq1\td4\t1.0\nq2\td2\t6.0\nq2\td3\t4.5\nq2\td4\t2.0\n")
+    return ds, f
+
+
+def test_pairwise_and_inbatch_batches(scored, tiny_student, tmp_path):
+    ds, f = scored
+    signal = TeacherSignal("cached", tmp_path / "store", import_file=f, force=True).bind(ds)
+    # q2 has two positives (d2, d3): d3 as q2's negative is a false negative
     item = _item(ds, [("q1", "d1"), ("q2", "d2")], [["d4"], ["d3"]])
-    pair = TrainCollator(ds, tiny_student.query_formatter, tiny_student.doc_formatter, "pairwise", teacher)(item)
+    pair = TrainCollator(ds, tiny_student, "pairwise", signal)(item)
     assert pair["teacher"].tolist() == [[5.0, 1.0], [6.0, 4.5]]
     assert pair["false_negative"].tolist() == [[False, False], [False, True]]
     assert pair["positive"].tolist() == [0, 0]
-    inb = TrainCollator(ds, tiny_student.query_formatter, tiny_student.doc_formatter, "inbatch", teacher)(item)
-    # batch list: d1, d2, d4, d3 -> q1 has no score for d2/d3 (NaN), q2 none for d1
+    inb = TrainCollator(ds, tiny_student, "inbatch", signal)(item)
+    # batch document list: d1, d2, d4, d3 (positives first); q1 has no score for d2 / d3 (NaN)
     t = inb["teacher"]
     assert t[0, 0] == 5.0 and torch.isnan(t[0, 1]) and t[0, 2] == 1.0 and t[1, 1] == 6.0 and t[1, 3] == 4.5
     assert inb["false_negative"].tolist() == [[False, False, False, False], [False, False, False, True]]
@@ -50,25 +59,61 @@ def test_collator_dedups_docs_marks_false_negatives_and_reads_teacher(beir_dir, 
 def test_each_document_is_tokenised_once_per_batch(beir_dir, tiny_student):
     ds = IRDataset.from_beir(beir_dir, "train")
     item = _item(ds, [("q1", "d1"), ("q2", "d2")], [["d4", "d5"], ["d4", "d1"]])
-    batch = TrainCollator(ds, tiny_student.query_formatter, tiny_student.doc_formatter, "inbatch")(item)
-    assert batch["doc"]["input_ids"].shape[0] == 4  # d1, d2, d4, d5 once each
-    assert batch["doc_index"].shape == (6,)
-    texts = [ds.corpus.texts[c] for c in np.unique([0, 1, 3, 4])]
-    again = tiny_student.doc_formatter(texts)["input_ids"]
-    assert torch.equal(batch["doc"]["input_ids"][batch["doc_index"][4]], again[batch["doc_index"][4]])
+    batch = TrainCollator(ds, tiny_student, "inbatch")(item)
+    assert batch["inputs"]["doc"]["input_ids"].shape[0] == 4  # d1, d2, d4, d5 once each
+    cands = batch["inputs"]["candidates"]
+    assert cands.shape == (2, 6) and cands[0, 0] == cands[1, 5]  # d1: q1's positive and q2's 2nd negative
 
 
-def test_score_table_margin_format_and_unknown_ids(beir_dir, tmp_path):
-    from kdir.errors import UnknownIdError
+def test_cached_signal_missing_pair_is_an_error_unless_forced(scored, tiny_student, tmp_path):
+    ds, f = scored
+    signal = TeacherSignal("cached", tmp_path / "store", import_file=f).bind(ds)
+    item = _item(ds, [("q1", "d1"), ("q2", "d2")], [["d4"], ["d5"]])  # (q2, d5) is not scored
+    with pytest.raises(KdirError, match="1 of 4 candidate pairs of a batch are not in"):
+        TrainCollator(ds, tiny_student, "pairwise", signal)(item)
 
-    ds = IRDataset.from_beir(beir_dir, "train")
-    f = tmp_path / "t2.tsv"
-    f.write_text("9.0\t1.5\tq1\td1\td4\n")
-    t = ScoreTable(f, format="margin_scores").bind(ds)
-    q1, d1, d4, d5 = ds.queries.index["q1"], *(ds.corpus.index[d] for d in ("d1", "d4", "d5"))
-    out = t.lookup(np.array([q1]), np.array([[d1, d4, d5]]))
-    assert out[0, :2].tolist() == [9.0, 1.5] and np.isnan(out[0, 2])
-    f.write_text("9.0\t1.5\tq1\td1\td77\n")
-    with pytest.raises(UnknownIdError, match=r"t2.tsv:1: document 'd77'"):
-        ScoreTable(f, format="margin_scores").bind(ds)
-    assert len(ScoreTable(f, format="margin_scores", ignore_unknown=True).bind(ds)) == 1
+
+@pytest.fixture
+def bi_teacher(quickstart):
+    return BiEncoder(quickstart["model"], pooling="cls", query_max_length=16, doc_max_length=32)
+
+
+def test_online_equals_cached_and_fill_computes_only_missing(quickstart, tiny_student, bi_teacher, tmp_path):
+    ds = IRDataset.from_beir(quickstart["data"], "train")
+    q, p = ds.queries.ids[:4], [next(iter(ds.qrels[x])) for x in ds.queries.ids[:4]]
+    negs = [[ds.corpus.ids[i], ds.corpus.ids[i + 1]] for i in range(0, 8, 2)]
+    item = _item(ds, list(zip(q, p)), negs)
+    online = TeacherSignal("online", model=bi_teacher).bind(ds)
+    batch = TrainCollator(ds, tiny_student, "inbatch", online)(item)
+    expected = online.scores(batch)  # [4, 12]
+    # cache exactly the pairwise candidates; then fill must compute only the in-batch remainder
+    store = ScoreStore.create(
+        tmp_path / "fill", {"teacher": {"name": "BiEncoder", "weights": bi_teacher.weights_hash()}}
+    )
+    pair_ids = [(q[i], d) for i in range(4) for d in [p[i], *negs[i]]]
+    pair_scores = expected.numpy()[np.arange(4)[:, None], candidate_columns(4, 2, "pairwise")].reshape(-1)
+    store.append(pair_keys_from_ids([a for a, _ in pair_ids], [b for _, b in pair_ids]), pair_scores)
+    cached = TeacherSignal("cached", tmp_path / "fill", model=bi_teacher, force=True).bind(ds)
+    got = cached.scores(TrainCollator(ds, tiny_student, "pairwise", cached)(item))
+    assert torch.allclose(got, torch.from_numpy(pair_scores.reshape(4, 3)), atol=1e-6)  # cached == online
+    fill = TeacherSignal("fill", tmp_path / "fill", model=bi_teacher, flush_every=1).bind(ds)
+    fb = TrainCollator(ds, tiny_student, "inbatch", fill)(item)
+    assert len(fb["teacher_fill"]["rows"]) == 4 * 12 - 12  # only the 36 uncached pairs go to the teacher
+    assert torch.allclose(fill.scores(fb), expected, atol=1e-5)
+    refill = TeacherSignal("fill", tmp_path / "fill", model=bi_teacher).bind(ds)
+    assert "teacher_fill" not in TrainCollator(ds, tiny_student, "inbatch", refill)(item)  # persisted
+
+
+def test_store_of_another_teacher_is_refused(quickstart, bi_teacher, tmp_path):
+    ds = IRDataset.from_beir(quickstart["data"], "train")
+    ScoreStore.create(tmp_path / "s", {"teacher": {"name": "ColBERT", "weights": "abc"}})
+    with pytest.raises(KdirError, match="scored by teacher ColBERT"):
+        TeacherSignal("cached", tmp_path / "s", model=bi_teacher).bind(ds)
+    TeacherSignal("cached", tmp_path / "s", model=bi_teacher, force=True).bind(ds)  # explicitly forced
+
+
+def test_signal_config_errors():
+    with pytest.raises(ValueError, match="needs a score store"):
+        TeacherSignal("cached")
+    with pytest.raises(ValueError, match="needs a teacher model"):
+        TeacherSignal("online")

@@ -15,10 +15,10 @@ from kdir.data.examples import Examples, QrelsExamples, TripleExamples
 from kdir.data.stream import ExampleStream
 
 if TYPE_CHECKING:
+    from kdir.data.collate import Preparer
     from kdir.evaluation import RetrievalEvaluator
     from kdir.losses.base import Layout
-    from kdir.students.dual_encoder import DualEncoder
-    from kdir.teachers.score_table import ScoreTable
+    from kdir.teachers.signal import TeacherSignal
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +32,24 @@ class DistillDataModule(pl.LightningDataModule):
         batch_size: queries per batch and device.
         num_workers: dataloader workers per device (each takes its own share of the stream).
         seed: seed of the example order and negative sampling.
-        student / layout / teacher: set by ``kdir.run``: tokenisation, candidate layout and the cached
-            teacher scores (``None``: no teacher signal in the batch).
+        model / layout / signal: set by ``kdir.run``: the trained model (its ``prepare`` tokenises), the
+            candidate layout and the teacher signal (``None``: no teacher scores in the batch).
         val / test: evaluators, set by ``kdir.run`` from the ``eval`` config.
     """
 
     def __init__(self, train: IRDataset, examples: QrelsExamples | TripleExamples, batch_size: int = 32,
-                 num_workers: int = 0, seed: int = 42, shuffle: bool = True, student: DualEncoder | None = None,
-                 layout: Layout = "pairwise", teacher: ScoreTable | None = None,
+                 num_workers: int = 0, seed: int = 42, shuffle: bool = True, model: Preparer | None = None,
+                 layout: Layout = "pairwise", signal: TeacherSignal | None = None,
                  val: RetrievalEvaluator | None = None, test: RetrievalEvaluator | None = None):  # fmt: skip
         super().__init__()
         self.train, self.batch_size, self.num_workers = train, batch_size, num_workers
-        self.seed, self.shuffle, self.student, self.layout = seed, shuffle, student, layout
+        self.seed, self.shuffle, self.model, self.layout = seed, shuffle, model, layout
         self.examples: Examples = examples.build(train)
-        self.teacher = teacher.bind(train) if teacher is not None else None
+        self.signal = signal.bind(train) if signal is not None else None
         self.val, self.test = val, test
         self.stream: ExampleStream | None = None
-        signal = f"cached scores ({len(self.teacher)} pairs)" if self.teacher else "none"
-        log.info("train: %s, %d examples, %d negatives each; teacher signal: %s",
-                 train.name, len(self.examples), self.examples.n_negatives, signal)  # fmt: skip
+        log.info("train: %s, %d examples, %d negatives each; teacher signal: %s", train.name, len(self.examples),
+                 self.examples.n_negatives, self.signal.mode if self.signal else "none")  # fmt: skip
 
     def _world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -64,21 +63,20 @@ class DistillDataModule(pl.LightningDataModule):
             self.stream.set_epoch(epoch)
 
     def train_dataloader(self) -> DataLoader:
-        if self.student is None:
-            raise RuntimeError("DistillDataModule needs the student (for tokenisation): pass student=...")
+        if self.model is None:
+            raise RuntimeError("DistillDataModule needs the trained model (for tokenisation): pass model=...")
         rank, world = self._world()
         epoch = self.stream.epoch if self.stream is not None else 0
         self.stream = ExampleStream(self.examples, self.batch_size, self.seed, self.shuffle, rank, world)
         self.stream.set_epoch(epoch)
-        collate = TrainCollator(self.train, self.student.query_formatter, self.student.doc_formatter,
-                                self.layout, self.teacher)  # fmt: skip
+        collate = TrainCollator(self.train, self.model, self.layout, self.signal)
         return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=False, pin_memory=False)  # fmt: skip
 
     def _eval_loaders(self, evaluator: RetrievalEvaluator | None, stage: str) -> list[DataLoader]:
         if evaluator is None:
             return []
-        return evaluator.dataloaders(self.student.query_formatter, self.student.doc_formatter, self.num_workers)
+        return evaluator.dataloaders(self.model.query_formatter, self.model.doc_formatter, self.num_workers)
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders(self.val, "val")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -151,6 +152,23 @@ class DualEncoder(nn.Module):
     def score(queries: Tensor, docs: Tensor) -> Tensor:
         """Full score matrix ``[Nq, Nd]`` (inner product; cosine when embeddings are normalised)."""
         return queries @ docs.T
+
+    def prepare(self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor) -> dict:
+        """Tokenise a batch (CPU, in dataloader workers): each query and each distinct document once.
+
+        Args:
+            queries: ``B`` query texts.
+            docs: the batch's distinct document texts.
+            candidates: ``[B, C]`` indices into ``docs`` (the candidate layout).
+        """
+        return {"query": self.query_formatter(queries), "doc": self.doc_formatter(docs),
+                "candidates": torch.as_tensor(np.asarray(candidates), dtype=torch.long)}  # fmt: skip
+
+    def forward(self, inputs: dict) -> Tensor:
+        """Scores ``[B, C]`` of the prepared batch: every document encoded once, full matrix, then gathered."""
+        q = self.encode(inputs["query"], "query")  # [B, dim]
+        d = self.encode(inputs["doc"], "doc")  # [D, dim]
+        return self.score(q, d).float().gather(1, inputs["candidates"])  # [B, C]
 
     @torch.inference_mode()
     def encode_texts(

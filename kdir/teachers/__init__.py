@@ -1,7 +1,12 @@
-"""Teacher signals."""
+"""Teachers (frozen scorers) and the teacher signal of a training batch."""
 
 from __future__ import annotations
 
-from kdir.teachers.score_table import ScoreTable
+from kdir.teachers.base import Teacher
+from kdir.teachers.bi_encoder import BiEncoder
+from kdir.teachers.colbert import ColBERT, maxsim
+from kdir.teachers.cross_encoder import CrossEncoder
+from kdir.teachers.ensemble import Ensemble
+from kdir.teachers.signal import TeacherSignal
 
-__all__ = ["ScoreTable"]
+__all__ = ["BiEncoder", "ColBERT", "CrossEncoder", "Ensemble", "Teacher", "TeacherSignal", "maxsim"]

@@ -1,0 +1,203 @@
+"""ColBERT late-interaction teacher (Khattab & Zaharia 2020).
+
+Each token is embedded by BERT → a linear map to ``dim`` (no bias) → L2 normalisation. Queries are
+``[CLS] [unused0] q [SEP]`` padded with ``[MASK]`` to ``query_max_length`` (query augmentation: the
+``[MASK]`` tokens are attended to and take part in MaxSim); documents are ``[CLS] [unused1] d [SEP]``
+truncated to ``doc_max_length``, with padding and punctuation (ColBERT's ``skiplist``) left out of MaxSim.
+``score(q, d) = Σ_i max_j sim(q_i, d_j)`` with ``sim`` the cosine or the negative squared L2 distance.
+
+Loads kdir folders (HF backbone + ``colbert_linear.safetensors``) and the layout of published checkpoints
+(e.g. ``colbert-ir/colbertv2.0``: one weights file with ``bert.*`` and ``linear.weight``).
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers.utils import cached_file
+
+from kdir.students.dual_encoder import _load_backbone
+from kdir.teachers.base import Teacher, as_candidates, to_device
+
+Side = Literal["query", "doc"]
+Similarity = Literal["cosine", "l2"]
+LINEAR_NAME = "colbert_linear.safetensors"
+
+
+def maxsim(
+    q: Tensor, q_mask: Tensor, d: Tensor, d_mask: Tensor, similarity: Similarity = "cosine", chunk_size: int = 0
+) -> Tensor:
+    """Late-interaction scores ``[Nq, Nd]``: ``Σ_i max_j sim(q_i, d_j)`` over unmasked tokens.
+
+    Args:
+        q / d: token embeddings ``[Nq, Lq, dim]`` / ``[Nd, Ld, dim]``.
+        q_mask / d_mask: ``[Nq, Lq]`` / ``[Nd, Ld]`` bool, ``True`` where a token takes part.
+        similarity: ``cosine`` (inner product; embeddings are expected unit-norm) or ``l2`` (``-‖q_i - d_j‖²``).
+        chunk_size: documents per chunk (0: sized so each ``[Nq, chunk, Lq, Ld]`` block has ≤ 2^25 entries).
+    """
+    if similarity not in ("cosine", "l2"):
+        raise ValueError(f"similarity must be 'cosine' or 'l2', got {similarity!r}")
+    n_q, l_q, _ = q.shape
+    n_d, l_d, _ = d.shape
+    chunk_size = chunk_size or max(1, 2**25 // max(1, n_q * l_q * l_d))
+    q_mask = q_mask.to(q.dtype)
+    out = []
+    for s in range(0, n_d, chunk_size):
+        dc, mc = d[s : s + chunk_size], d_mask[s : s + chunk_size].bool()
+        sim = torch.einsum("qid,njd->qnij", q, dc)  # [Nq, n, Lq, Ld]
+        if similarity == "l2":
+            sim = 2 * sim - q.pow(2).sum(-1)[:, None, :, None] - dc.pow(2).sum(-1)[None, :, None, :]
+        best = sim.masked_fill(~mc[None, :, None, :], float("-inf")).max(-1).values  # [Nq, n, Lq]
+        best = best.masked_fill(~mc.any(-1)[None, :, None], 0.0)  # a document without tokens scores 0
+        out.append((best * q_mask[:, None, :]).sum(-1))
+    return torch.cat(out, dim=1) if out else q.new_zeros(n_q, 0)
+
+
+def _published_state(path: str | Path) -> dict[str, Tensor] | None:
+    """The state dict of a published ColBERT checkpoint (``bert.*`` + ``linear.weight``), else ``None``."""
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        file = cached_file(str(path), filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)  # fmt: skip
+        if file is None:
+            continue
+        if filename.endswith(".safetensors"):
+            with safe_open(file, framework="pt") as f:
+                keys = set(f.keys())
+            if "linear.weight" not in keys or not any(k.startswith("bert.") for k in keys):
+                return None
+            return load_file(file)
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        published = "linear.weight" in state and any(k.startswith("bert.") for k in state)
+        return state if published else None
+    return None
+
+
+class ColBERT(Teacher):
+    """A ColBERT teacher: token embeddings and MaxSim.
+
+    Args:
+        model_name_or_path: a kdir ColBERT folder, a published ColBERT checkpoint (``bert.*`` + ``linear.weight``),
+            or a plain encoder (the linear map is then newly initialised).
+        dim: token embedding size (a published checkpoint's ``linear.weight`` decides it).
+        similarity: ``cosine`` or ``l2``.
+        query_max_length: queries are truncated or ``[MASK]``-padded to exactly this many tokens.
+        doc_max_length: documents are truncated to this many tokens.
+        mask_punctuation: leave document tokens that are single punctuation characters out of MaxSim.
+        attend_to_mask_tokens: let the encoder attend to the query's ``[MASK]`` padding (ColBERTv2's reference
+            code defaults to ``False``: they are then embedded but not attended to).
+        query_marker / doc_marker: the tokens inserted after ``[CLS]``.
+    """
+
+    name = "colbert"
+
+    def __init__(
+        self,
+        model_name_or_path: str | Path,
+        dim: int = 128,
+        similarity: Similarity = "cosine",
+        query_max_length: int = 32,
+        doc_max_length: int = 180,
+        mask_punctuation: bool = True,
+        attend_to_mask_tokens: bool = True,
+        query_marker: str = "[unused0]",
+        doc_marker: str = "[unused1]",
+    ):
+        super().__init__()
+        if similarity not in ("cosine", "l2"):
+            raise ValueError(f"similarity must be 'cosine' or 'l2', got {similarity!r}")
+        path = Path(str(model_name_or_path))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_name_or_path))
+        if not self.tokenizer.is_fast:
+            raise ValueError(f"{model_name_or_path}: kdir needs a fast tokenizer")
+        vocab = self.tokenizer.get_vocab()
+        for token in (query_marker, doc_marker, self.tokenizer.mask_token):
+            if token not in vocab:
+                raise ValueError(f"{model_name_or_path}: the tokenizer has no {token!r} token")
+        self.marker_ids = {"query": vocab[query_marker], "doc": vocab[doc_marker]}
+        skip = sorted({vocab[p] for p in string.punctuation if p in vocab}) if mask_punctuation else []
+        self.register_buffer("skip_ids", torch.tensor(skip, dtype=torch.long), persistent=False)
+
+        state = None if (path / LINEAR_NAME).is_file() else _published_state(model_name_or_path)
+        if state is not None:  # published layout: one file with bert.* and linear.weight
+            bert_config = AutoConfig.from_pretrained(str(model_name_or_path))
+            try:
+                self.bert = AutoModel.from_config(bert_config, add_pooling_layer=False)
+            except TypeError:
+                self.bert = AutoModel.from_config(bert_config)
+            bert = {k[5:]: v for k, v in state.items() if k.startswith("bert.")}
+            missing, unexpected = self.bert.load_state_dict(bert, strict=False)
+            unexpected = [k for k in unexpected if not k.startswith("pooler.") and not k.endswith("position_ids")]
+            if missing or unexpected:
+                raise ValueError(f"{model_name_or_path}: ColBERT weights do not fit the backbone "
+                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")  # fmt: skip
+            dim = state["linear.weight"].shape[0]
+        else:
+            self.bert = _load_backbone(model_name_or_path)
+        self.linear = nn.Linear(self.bert.config.hidden_size, dim, bias=False)
+        if state is not None:
+            self.linear.weight.data.copy_(state["linear.weight"])
+        elif (path / LINEAR_NAME).is_file():
+            self.linear.load_state_dict(load_file(path / LINEAR_NAME))
+        self.config = dict(dim=dim, similarity=similarity, query_max_length=query_max_length,
+                           doc_max_length=doc_max_length, mask_punctuation=mask_punctuation,
+                           attend_to_mask_tokens=attend_to_mask_tokens, query_marker=query_marker,
+                           doc_marker=doc_marker)  # fmt: skip
+
+    def tokenize(self, texts: Sequence[str], side: Side) -> dict[str, Tensor]:
+        """``[CLS] marker text [SEP]``; queries ``[MASK]``-padded to ``query_max_length``, documents truncated."""
+        is_query = side == "query"
+        max_length = self.config["query_max_length" if is_query else "doc_max_length"]
+        enc = self.tokenizer(list(texts), max_length=max_length - 1, truncation=True, return_tensors="pt",
+                             padding="max_length" if is_query else True)  # fmt: skip
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        marker = torch.full_like(ids[:, :1], self.marker_ids[side])
+        ids = torch.cat([ids[:, :1], marker, ids[:, 1:]], 1)
+        mask = torch.cat([mask[:, :1], mask[:, :1], mask[:, 1:]], 1)
+        if is_query:  # query augmentation: padding becomes [MASK]
+            ids = ids.masked_fill(mask == 0, self.tokenizer.mask_token_id)
+            if self.config["attend_to_mask_tokens"]:
+                mask = torch.ones_like(mask)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def encode(self, inputs: dict[str, Tensor], side: Side) -> tuple[Tensor, Tensor]:
+        """Unit-norm token embeddings ``[N, L, dim]`` and the MaxSim mask ``[N, L]`` (bool) of one side."""
+        ids, attention = inputs["input_ids"], inputs["attention_mask"]
+        emb = self.linear(self.bert(input_ids=ids, attention_mask=attention).last_hidden_state)
+        emb = nn.functional.normalize(emb, dim=-1)
+        if side == "query":  # every query position takes part, [MASK] padding included
+            return emb, torch.ones_like(ids, dtype=torch.bool)
+        return emb, attention.bool() & ~torch.isin(ids, self.skip_ids)
+
+    def prepare(
+        self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor
+    ) -> dict[str, Tensor]:
+        """Tokenise the queries and each distinct candidate document once; ``candidates`` index the latter."""
+        cand = as_candidates(candidates, len(queries), len(docs))
+        texts = list(docs)  # callers pass distinct documents (the collator de-duplicates by id)
+        q, d = self.tokenize(queries, "query"), self.tokenize(texts, "doc")
+        return {f"query_{k}": v for k, v in q.items()} | {f"doc_{k}": v for k, v in d.items()} | {"candidates": cand}
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        """``[B, C]`` fp32 scores: the full query × distinct-document MaxSim matrix, gathered at the candidates."""
+        inputs = to_device(inputs, self.device)
+        side_inputs = {
+            s: {k[len(s) + 1 :]: v for k, v in inputs.items() if k.startswith(s + "_")} for s in ("query", "doc")
+        }
+        q, q_mask = self.encode(side_inputs["query"], "query")
+        d, d_mask = self.encode(side_inputs["doc"], "doc")
+        scores = maxsim(q.float(), q_mask, d.float(), d_mask, self.config["similarity"])
+        return scores.gather(1, inputs["candidates"])
+
+    def _save(self, path: Path) -> None:
+        self.bert.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        save_file({k: v.contiguous() for k, v in self.linear.state_dict().items()}, path / LINEAR_NAME)

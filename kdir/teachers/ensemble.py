@@ -1,0 +1,96 @@
+"""Teacher ensemble: the (weighted) mean of its members' scores.
+
+Margin-MSE's T2 teacher (Hofstätter et al. 2020) is the plain mean of the raw logits of three BERT-CAT
+cross-encoders: ``normalize="none"``, no weights. ``normalize="zscore"`` first standardises each member's
+``[B, C]`` scores over the whole call (its mean and standard deviation over all ``B × C`` scores), which puts
+members on one scale but makes a pair's score depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kdir.teachers.base import CONFIG_NAME, Teacher
+
+Normalize = Literal["none", "zscore"]
+
+
+class Ensemble(Teacher):
+    """Mean of several teachers' scores.
+
+    Args:
+        members: the teachers, as a list (named ``0``, ``1``, ...) or a mapping name → teacher (as Hydra gives).
+        normalize: ``none`` (raw scores) or ``zscore`` (each member standardised over the call, batch-dependent).
+        weights: one weight per member (in order); the score is ``Σ w_m s_m / Σ w_m``. ``None``: plain mean.
+    """
+
+    name = "ensemble"
+
+    def __init__(
+        self,
+        members: Sequence[Teacher] | Mapping[str, Teacher],
+        normalize: Normalize = "none",
+        weights: Sequence[float] | None = None,
+    ):
+        super().__init__()
+        if normalize not in ("none", "zscore"):
+            raise ValueError(f"normalize must be 'none' or 'zscore', got {normalize!r}")
+        items = members.items() if isinstance(members, Mapping) else enumerate(members)
+        self.members = nn.ModuleDict({str(name): m for name, m in items})
+        if not self.members:
+            raise ValueError("an ensemble needs at least one member")
+        if weights is not None:
+            weights = [float(w) for w in weights]
+            if len(weights) != len(self.members) or sum(weights) <= 0:
+                raise ValueError(f"need {len(self.members)} weights with a positive sum, got {weights}")
+        self.normalize, self.weights = normalize, weights
+        self.config = dict(
+            normalize=normalize, weights=weights,
+            members={n: f"{type(m).__module__}.{type(m).__qualname__}" for n, m in self.members.items()},
+        )  # fmt: skip
+
+    def prepare(
+        self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor
+    ) -> dict[str, Tensor]:
+        """Every member's prepared inputs, under the keys ``<member>.<key>``."""
+        return {
+            f"{name}.{k}": v
+            for name, m in self.members.items()
+            for k, v in m.prepare(queries, docs, candidates).items()
+        }
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        """``[B, C]`` fp32 (weighted) mean of the members' (optionally z-scored) scores."""
+        total, weight_sum = None, 0.0
+        for i, (name, member) in enumerate(self.members.items()):
+            prefix = name + "."
+            scores = member({k[len(prefix) :]: v for k, v in inputs.items() if k.startswith(prefix)}).float()
+            if self.normalize == "zscore":
+                std, mean = torch.std_mean(scores, correction=0)
+                scores = (scores - mean) / std.clamp(min=1e-6)
+            w = 1.0 if self.weights is None else self.weights[i]
+            total = w * scores if total is None else total + w * scores.to(total.device)
+            weight_sum += w
+        return total / weight_sum
+
+    def _save(self, path: Path) -> None:
+        for name, member in self.members.items():
+            member.save_pretrained(path / name)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> Ensemble:
+        """Load a saved ensemble: each member from its sub-folder with its recorded class."""
+        config = json.loads((Path(path) / CONFIG_NAME).read_text()) | overrides
+        members = {}
+        for name, qualname in config.pop("members").items():
+            module, _, cls_name = qualname.rpartition(".")
+            members[name] = getattr(importlib.import_module(module), cls_name).from_pretrained(Path(path) / name)
+        return cls(members, **config)

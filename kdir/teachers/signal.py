@@ -1,0 +1,159 @@
+"""The teacher signal of a training batch: ``cached`` (score store), ``online`` (teacher in the training
+step) or ``fill`` (serve the cache, compute only the missing pairs, write them back).
+
+Pairs are keyed by hashed (query id, document id) (``kdir.stores.keys``), so a store serves any dataset
+whose ids it was scored on. Reading a store whose recorded teacher does not match the configured one is
+an error unless ``force=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdir.errors import KdirError
+from kdir.stores import ScoreStore, id_hashes, pair_keys
+
+if TYPE_CHECKING:
+    from kdir.data.dataset import IRDataset
+    from kdir.teachers.base import Teacher
+
+log = logging.getLogger(__name__)
+Mode = Literal["cached", "online", "fill"]
+
+
+def teacher_meta(model: Teacher) -> dict:
+    """Provenance of a teacher model: its class, settings and weights hash."""
+    return {"name": type(model).__name__, "config": getattr(model, "config", {}), "weights": model.weights_hash()}
+
+
+class TeacherSignal:
+    """Teacher scores for each batch's candidates.
+
+    Args:
+        mode: ``cached``, ``online`` or ``fill``.
+        store: score-store folder (``cached`` / ``fill``); created by ``fill`` or by ``import_file``.
+        model: the teacher (``online`` / ``fill``; in ``cached`` mode only used to check provenance).
+        import_file: a ``qid pid score`` TSV, Hofstätter TSV or JSONL imported into ``store`` when the store
+            does not exist yet.
+        import_format: ``pairs``, ``margin_scores`` or ``jsonl``.
+        force: accept a store whose recorded teacher differs from ``model``; in ``cached`` mode also
+            accept missing pairs (they are masked out of the loss).
+        flush_every: ``fill`` writes the newly computed pairs to the store in segments of this size.
+    """
+
+    def __init__(self, mode: Mode = "cached", store: str | Path | None = None, model: Teacher | None = None,
+                 import_file: str | Path | None = None, import_format: str = "pairs", force: bool = False,
+                 flush_every: int = 50_000):  # fmt: skip
+        if mode not in ("cached", "online", "fill"):
+            raise ValueError(f"teacher signal mode must be cached, online or fill; got {mode!r}")
+        if mode in ("cached", "fill") and store is None:
+            raise ValueError(f"teacher signal mode {mode!r} needs a score store path (teacher.store=...)")
+        if mode in ("online", "fill") and model is None:
+            raise ValueError(f"teacher signal mode {mode!r} needs a teacher model (teacher.model=...)")
+        self.mode, self.model, self.force, self.flush_every = mode, model, force, flush_every
+        self.store_path = Path(store) if store is not None else None
+        self.import_file, self.import_format = import_file, import_format
+        self.store: ScoreStore | None = None
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._n_pending = 0
+
+    def bind(self, dataset: IRDataset) -> TeacherSignal:
+        """Hash the dataset's ids and open (or create / import) the store, checking its provenance."""
+        self.q_hash, self.d_hash = id_hashes(dataset.queries.ids), id_hashes(dataset.corpus.ids)
+        if self.model is not None:
+            self.model.freeze()
+        if self.store_path is None:
+            return self
+        if not (self.store_path / "meta.json").is_file():
+            if self.import_file is not None:
+                self.store = ScoreStore.create(self.store_path, {"teacher": {"name": f"imported:{self.import_file}"},
+                                                                 "data": {"imported_from": str(self.import_file)}})  # fmt: skip
+                log.info("importing %s into score store %s", self.import_file, self.store_path)
+                if self.import_format == "jsonl":
+                    self.store.import_jsonl(self.import_file)
+                else:
+                    self.store.import_tsv(self.import_file, format=self.import_format)
+            elif self.mode == "fill":
+                self.store = ScoreStore.create(self.store_path, {"teacher": teacher_meta(self.model), "data": {}})
+            else:
+                raise FileNotFoundError(f"{self.store_path}: no score store (score it with `python -m kdir.score`, "
+                                        "or set teacher.import_file / teacher.signal=fill)")  # fmt: skip
+        else:
+            self.store = ScoreStore.open(self.store_path)
+        self._check_provenance()
+        return self
+
+    def _check_provenance(self) -> None:
+        recorded = self.store.meta.get("teacher", {})
+        if self.model is None or recorded.get("name", "").startswith("imported:"):
+            return
+        if recorded.get("weights") != self.model.weights_hash():
+            msg = (f"{self.store_path}: scored by teacher {recorded.get('name')} (weights {recorded.get('weights')}), "
+                   f"but the configured teacher {type(self.model).__name__} has weights {self.model.weights_hash()}")  # fmt: skip
+            if not self.force:
+                raise KdirError(msg + "; set teacher.force=true to use it anyway")
+            log.warning("%s (forced)", msg)
+
+    # ---------------------------------------------------------------- collate (dataloader workers)
+    def collate(self, queries: np.ndarray, docs: np.ndarray, candidates: np.ndarray, query_texts: list[str],
+                doc_texts: list[str]) -> dict:  # fmt: skip
+        """Batch entries for the teacher: ``queries [B]`` / ``docs [D]`` dataset codes, ``candidates [B, C]``."""
+        if self.mode == "online":
+            return {"teacher_inputs": self.model.prepare(query_texts, doc_texts, candidates)}
+        keys = pair_keys(self.q_hash[queries][:, None], self.d_hash[docs][candidates])  # [B, C]
+        scores = self.store.lookup(keys)
+        missing = np.isnan(scores)
+        out = {"teacher": torch.from_numpy(scores)}
+        if not missing.any():
+            return out
+        rows, cols = np.nonzero(missing)
+        if self.mode == "cached":
+            if not self.force:
+                raise KdirError(f"{int(missing.sum())} of {missing.size} candidate pairs of a batch are not in "
+                                f"{self.store_path} (e.g. query row {rows[0]}, document {doc_texts[candidates[rows[0], cols[0]]][:60]!r}); "
+                                "use teacher.signal=fill to compute them, or teacher.force=true to mask them")  # fmt: skip
+            return out
+        inputs = self.model.prepare([query_texts[r] for r in rows], doc_texts, candidates[rows, cols][:, None])
+        out["teacher_fill"] = {"inputs": inputs, "rows": torch.from_numpy(rows), "cols": torch.from_numpy(cols),
+                               "keys": torch.from_numpy(keys[rows, cols].view(np.int64))}  # fmt: skip
+        return out
+
+    # ---------------------------------------------------------------- training step
+    @torch.no_grad()
+    def scores(self, batch: dict) -> Tensor:
+        """``[B, C]`` fp32 teacher scores for a collated batch (runs the teacher for online / fill)."""
+        if self.mode == "online":
+            return self.model(batch["teacher_inputs"]).float()
+        scores = batch["teacher"].float()
+        fill = batch.get("teacher_fill")
+        if fill is not None:
+            new = self.model(fill["inputs"]).float()[:, 0]
+            scores = scores.clone()
+            scores[fill["rows"], fill["cols"]] = new
+            self._pending.append((fill["keys"].cpu().numpy().view(np.uint64), new.cpu().numpy()))
+            self._n_pending += len(new)
+            if self._n_pending >= self.flush_every:
+                self.flush()
+        return scores
+
+    def flush(self) -> None:
+        """Write the scores computed in ``fill`` mode to the store (one new segment, atomically)."""
+        if not self._pending:
+            return
+        keys = np.concatenate([k for k, _ in self._pending])
+        values = np.concatenate([v for _, v in self._pending])
+        self.store.append(keys, values)
+        log.info("teacher fill: wrote %d new pairs to %s (pid %d)", len(keys), self.store_path, os.getpid())
+        self._pending, self._n_pending = [], 0
+
+    def to(self, device: torch.device | str) -> TeacherSignal:
+        if self.model is not None:
+            self.model.to(device)
+        return self
