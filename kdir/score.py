@@ -52,14 +52,17 @@ def candidate_pairs(dataset: IRDataset, examples=None, run_file: str | None = No
         q, slot = np.nonzero(np.arange(pool.shape[1])[None, :] < counts[:, None])
         keys.append(q * n_docs + pool[q, slot])
     else:
-        raise KdirError("cannot enumerate the pairs to score: the training negatives are random. Score a run file "
-                        "(run_file=...), use fixed triples, or let training fill the store (teacher.mode=fill)")  # fmt: skip
+        raise KdirError(
+            "cannot enumerate the pairs to score: the training negatives are random. Score a run file "
+            "(run_file=...), use fixed triples, or let training fill the store (teacher.mode=fill)"
+        )
     keys = np.unique(np.concatenate(keys))
     return np.stack([keys // n_docs, keys % n_docs], axis=1)
 
 
-def score_into_store(fabric: Fabric, model, dataset: IRDataset, pairs: np.ndarray, store: ScoreStore,
-                     chunk_size: int, batch_size: int) -> int:  # fmt: skip
+def score_into_store(
+    fabric: Fabric, model, dataset: IRDataset, pairs: np.ndarray, store: ScoreStore, chunk_size: int, batch_size: int
+) -> int:
     """Score this rank's unfinished chunks; returns the number of pairs scored by this rank."""
     keys = pair_keys(id_hashes(dataset.queries.ids)[pairs[:, 0]], id_hashes(dataset.corpus.ids)[pairs[:, 1]])
     qtexts, dtexts = dataset.queries.texts, dataset.corpus.texts
@@ -83,16 +86,26 @@ def score_into_store(fabric: Fabric, model, dataset: IRDataset, pairs: np.ndarra
 
 
 def score(cfg: DictConfig) -> Path:
-    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, precision=cfg.precision,
-                    strategy="ddp" if cfg.devices not in (1, "1") else "auto")  # fmt: skip
+    fabric = Fabric(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        precision=cfg.precision,
+        strategy="ddp" if cfg.devices not in (1, "1") else "auto",
+    )
     fabric.launch()
     model = instantiate(cfg.teacher.model).freeze().to(fabric.device)
     dataset = instantiate(cfg.data.train)
     examples = instantiate(cfg.data.examples) if cfg.run_file is None else None
     pairs = candidate_pairs(dataset, examples, cfg.run_file, cfg.depth)
-    meta = {"teacher": teacher_meta(model),
-            "data": {"dataset": dataset.name, "pairs": len(pairs), "source": cfg.run_file or "training examples",
-                     "depth": cfg.depth if cfg.run_file else None}}  # fmt: skip
+    meta = {
+        "teacher": teacher_meta(model),
+        "data": {
+            "dataset": dataset.name,
+            "pairs": len(pairs),
+            "source": cfg.run_file or "training examples",
+            "depth": cfg.depth if cfg.run_file else None,
+        },
+    }
     path = Path(cfg.store)
     if fabric.is_global_zero:
         store = ScoreStore.create(path, meta, exist_ok=True)
@@ -100,8 +113,14 @@ def score(cfg: DictConfig) -> Path:
             raise KdirError(f"{path} holds scores of another teacher; choose a new store path")
     fabric.barrier()
     store = ScoreStore.open(path)
-    log.info("rank %d/%d: %d pairs in chunks of %d -> %s", fabric.global_rank, fabric.world_size, len(pairs),
-             cfg.chunk_size, path)  # fmt: skip
+    log.info(
+        "rank %d/%d: %d pairs in chunks of %d -> %s",
+        fabric.global_rank,
+        fabric.world_size,
+        len(pairs),
+        cfg.chunk_size,
+        path,
+    )
     done = score_into_store(fabric, model, dataset, pairs, store, cfg.chunk_size, cfg.batch_size)
     log.info("rank %d scored %d new pairs", fabric.global_rank, done)
     fabric.barrier()

@@ -48,9 +48,16 @@ class TeacherSignal:
         flush_every: ``fill`` writes the newly computed pairs to the store in segments of this size.
     """
 
-    def __init__(self, mode: Mode = "cached", store: str | Path | None = None, model: Teacher | None = None,
-                 import_file: str | Path | None = None, import_format: str = "pairs", force: bool = False,
-                 flush_every: int = 50_000):  # fmt: skip
+    def __init__(
+        self,
+        mode: Mode = "cached",
+        store: str | Path | None = None,
+        model: Teacher | None = None,
+        import_file: str | Path | None = None,
+        import_format: str = "pairs",
+        force: bool = False,
+        flush_every: int = 50_000,
+    ):
         if mode not in ("cached", "online", "fill"):
             raise ValueError(f"teacher signal mode must be cached, online or fill; got {mode!r}")
         if mode in ("cached", "fill") and store is None:
@@ -73,8 +80,13 @@ class TeacherSignal:
             return self
         if not (self.store_path / "meta.json").is_file():
             if self.import_file is not None:
-                self.store = ScoreStore.create(self.store_path, {"teacher": {"name": f"imported:{self.import_file}"},
-                                                                 "data": {"imported_from": str(self.import_file)}})  # fmt: skip
+                self.store = ScoreStore.create(
+                    self.store_path,
+                    {
+                        "teacher": {"name": f"imported:{self.import_file}"},
+                        "data": {"imported_from": str(self.import_file)},
+                    },
+                )
                 log.info("importing %s into score store %s", self.import_file, self.store_path)
                 if self.import_format == "jsonl":
                     self.store.import_jsonl(self.import_file)
@@ -83,8 +95,10 @@ class TeacherSignal:
             elif self.mode == "fill":
                 self.store = ScoreStore.create(self.store_path, {"teacher": teacher_meta(self.model), "data": {}})
             else:
-                raise FileNotFoundError(f"{self.store_path}: no score store (score it with `python -m kdir.score`, "
-                                        "or set teacher.import_file / teacher.signal=fill)")  # fmt: skip
+                raise FileNotFoundError(
+                    f"{self.store_path}: no score store (score it with `python -m kdir.score`, "
+                    "or set teacher.import_file / teacher.signal=fill)"
+                )
         else:
             self.store = ScoreStore.open(self.store_path)
         self._check_provenance()
@@ -95,15 +109,23 @@ class TeacherSignal:
         if self.model is None or recorded.get("name", "").startswith("imported:"):
             return
         if recorded.get("weights") != self.model.weights_hash():
-            msg = (f"{self.store_path}: scored by teacher {recorded.get('name')} (weights {recorded.get('weights')}), "
-                   f"but the configured teacher {type(self.model).__name__} has weights {self.model.weights_hash()}")  # fmt: skip
+            msg = (
+                f"{self.store_path}: scored by teacher {recorded.get('name')} (weights {recorded.get('weights')}), "
+                f"but the configured teacher {type(self.model).__name__} has weights {self.model.weights_hash()}"
+            )
             if not self.force:
                 raise KdirError(msg + "; set teacher.force=true to use it anyway")
             log.warning("%s (forced)", msg)
 
     # ---------------------------------------------------------------- collate (dataloader workers)
-    def collate(self, queries: np.ndarray, docs: np.ndarray, candidates: np.ndarray, query_texts: list[str],
-                doc_texts: list[str]) -> dict:  # fmt: skip
+    def collate(
+        self,
+        queries: np.ndarray,
+        docs: np.ndarray,
+        candidates: np.ndarray,
+        query_texts: list[str],
+        doc_texts: list[str],
+    ) -> dict:
         """Batch entries for the teacher: ``queries [B]`` / ``docs [D]`` dataset codes, ``candidates [B, C]``."""
         if self.mode == "online":
             return {"teacher_inputs": self.model.prepare(query_texts, doc_texts, candidates)}
@@ -116,13 +138,20 @@ class TeacherSignal:
         rows, cols = np.nonzero(missing)
         if self.mode == "cached":
             if not self.force:
-                raise KdirError(f"{int(missing.sum())} of {missing.size} candidate pairs of a batch are not in "
-                                f"{self.store_path} (e.g. query row {rows[0]}, document {doc_texts[candidates[rows[0], cols[0]]][:60]!r}); "
-                                "use teacher.signal=fill to compute them, or teacher.force=true to mask them")  # fmt: skip
+                raise KdirError(
+                    f"{int(missing.sum())} of {missing.size} candidate pairs of a batch are not in "
+                    f"{self.store_path} (e.g. query row {rows[0]}, document "
+                    f"{doc_texts[candidates[rows[0], cols[0]]][:60]!r}); "
+                    "use teacher.mode=fill to compute them, or teacher.force=true to mask them"
+                )
             return out
         inputs = self.model.prepare([query_texts[r] for r in rows], doc_texts, candidates[rows, cols][:, None])
-        out["teacher_fill"] = {"inputs": inputs, "rows": torch.from_numpy(rows), "cols": torch.from_numpy(cols),
-                               "keys": torch.from_numpy(keys[rows, cols].view(np.int64))}  # fmt: skip
+        out["teacher_fill"] = {
+            "inputs": inputs,
+            "rows": torch.from_numpy(rows),
+            "cols": torch.from_numpy(cols),
+            "keys": torch.from_numpy(keys[rows, cols].view(np.int64)),
+        }
         return out
 
     # ---------------------------------------------------------------- training step

@@ -1,0 +1,105 @@
+"""The scoring stage: values, kill-and-resume, and 2-process sharded scoring equal to one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+from kdir.data.dataset import IRDataset
+from kdir.score import candidate_pairs
+from kdir.stores import ScoreStore, pair_keys_from_ids
+from kdir.teachers import BiEncoder
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(quickstart, tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "bi"
+    BiEncoder(quickstart["model"], pooling="cls", query_max_length=16, doc_max_length=32).save_pretrained(path)
+    return path
+
+
+def _args(teacher_dir, store, *extra):
+    run = "${quickstart:data}/runs/train.trec"
+    return ("kdir.score", "teacher=bi_encoder", f"teacher.model.path={teacher_dir}", f"store={store}",
+            f"run_file={run}", "depth=5", "chunk_size=700", "batch_size=64", "accelerator=cpu",
+            f"hydra.run.dir={store.parent / (store.name + '.run')}", *extra)  # fmt: skip
+
+
+def _contents(store_path, dataset) -> tuple[np.ndarray, np.ndarray]:
+    pairs = candidate_pairs(dataset, run_file=str(dataset_run(dataset)), depth=5)
+    keys = pair_keys_from_ids([dataset.queries.ids[q] for q in pairs[:, 0]], [dataset.corpus.ids[d] for d in pairs[:, 1]])
+    return keys, ScoreStore.open(store_path).lookup(keys)
+
+
+def dataset_run(dataset):
+    from kdir.quickstart import ensure
+
+    return f"{ensure('data')}/runs/train.trec"
+
+
+@pytest.fixture(scope="module")
+def reference(teacher_dir, tmp_path_factory, quickstart):
+    store = tmp_path_factory.mktemp("ref") / "ref.store"
+    r = run_cli(*_args(teacher_dir, store))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return store
+
+
+def test_scores_cover_the_pairs_and_equal_the_teacher(reference, teacher_dir, quickstart):
+    ds = IRDataset.from_beir(quickstart["data"], "train")
+    keys, values = _contents(reference, ds)
+    assert len(keys) > 6000 and not np.isnan(values).any()
+    meta = ScoreStore.open(reference).meta
+    teacher = BiEncoder.from_pretrained(teacher_dir)
+    assert meta["teacher"]["weights"] == teacher.weights_hash() and meta["count"] == len(keys)
+    q = ds.queries.ids[:3]
+    d = [next(iter(ds.qrels[x])) for x in q]
+    direct = teacher.score(q, [ds.corpus.texts[ds.corpus.index[x]] for x in d], [[0], [1], [2]])[:, 0]
+    assert np.allclose(ScoreStore.open(reference).lookup(pair_keys_from_ids(q, d)), direct.numpy(), rtol=1e-4)  # batch shapes differ: fp32 noise
+
+
+def test_killed_scoring_job_resumes_to_the_same_store(reference, teacher_dir, tmp_path, quickstart):
+    store = tmp_path / "resumed.store"
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", *_args(teacher_dir, store, "compact=false")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((store / "segments").glob("*chunk-000002*.keys.npy"))) == 0:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(list((store / "segments").glob("*.keys.npy")))
+    assert 0 < n_before < 11, "the job should have been killed part-way"
+    r = run_cli(*_args(teacher_dir, store))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ds = IRDataset.from_beir(quickstart["data"], "train")
+    keys, got = _contents(store, ds)
+    _, want = _contents(reference, ds)
+    assert np.array_equal(got, want)
+    assert len(ScoreStore.open(store)) == len(keys)
+
+
+def test_two_gloo_processes_score_the_same_store(reference, teacher_dir, tmp_path, quickstart):
+    store = tmp_path / "ddp.store"
+    r = run_cli(*_args(teacher_dir, store, "devices=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ds = IRDataset.from_beir(quickstart["data"], "train")
+    keys, got = _contents(store, ds)
+    _, want = _contents(reference, ds)
+    assert np.array_equal(got, want) and len(ScoreStore.open(store)) == len(keys)
+
+
+def test_random_negatives_cannot_be_enumerated(quickstart):
+    from kdir.data.examples import QrelsExamples, RandomNegatives
+    from kdir.errors import KdirError
+
+    ds = IRDataset.from_beir(quickstart["data"], "train")
+    with pytest.raises(KdirError, match="training negatives are random"):
+        candidate_pairs(ds, QrelsExamples(RandomNegatives(), 1))
