@@ -81,3 +81,114 @@ class RetrievalEvaluator:
         d = encoder.encode_docs(self.dataset.corpus.texts, **kw)
         run = self.retrieve(q.numpy(), d.numpy())
         return self.score(run), run
+
+
+def _candidate_lists(dataset: IRDataset, run_file: str, depth: int) -> list[np.ndarray]:
+    from kdir.data.readers import read_trec_run
+
+    run = read_trec_run(run_file)
+    out = []
+    for qid in dataset.queries.ids:
+        cands = run.get(qid, {})
+        best = sorted(cands, key=cands.__getitem__, reverse=True)[:depth]
+        out.append(dataset.corpus.codes(best, source=run_file))
+    return out
+
+
+class RerankEvaluator:
+    """Re-rank the top-``depth`` candidates of a first-stage run with any scorer (e.g. a cross-encoder teacher).
+
+    Args:
+        dataset: the split (queries, qrels, corpus).
+        run_file: the first-stage TREC run (e.g. ``run.trec`` of ``python -m kdir.evaluate``).
+        depth: candidates re-ranked per query.
+        metrics: ir-measures strings.
+        batch_size: queries per scoring call.
+    """
+
+    def __init__(self, dataset: IRDataset, run_file: str, depth: int = 100, metrics: Sequence[str] = DEFAULT_METRICS,
+                 batch_size: int = 8):  # fmt: skip
+        parse_measures(metrics)
+        self.dataset, self.run_file, self.depth, self.metrics, self.batch_size = (
+            dataset,
+            run_file,
+            depth,
+            list(metrics),
+            batch_size,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, model, device: str | torch.device | None = None, progress: bool = True) -> tuple[dict, Run]:
+        from tqdm.auto import tqdm
+
+        ds, cands = self.dataset, _candidate_lists(self.dataset, self.run_file, self.depth)
+        model.eval()
+        run: Run = {}
+        for s in tqdm(range(0, len(cands), self.batch_size), desc="re-rank", disable=not progress):
+            rows = range(s, min(s + self.batch_size, len(cands)))
+            width = max(len(cands[i]) for i in rows)
+            if width == 0:
+                continue
+            grid = np.stack([np.pad(cands[i], (0, width - len(cands[i])), mode="edge") if len(cands[i]) else
+                             np.zeros(width, dtype=np.int64) for i in rows])  # fmt: skip
+            docs, inverse = np.unique(grid, return_inverse=True)
+            inputs = model.prepare([ds.queries.texts[i] for i in rows], [ds.corpus.texts[d] for d in docs],
+                                   inverse.reshape(grid.shape))  # fmt: skip
+            scores = model(inputs).float().cpu().numpy()
+            for r, i in enumerate(rows):
+                run[ds.queries.ids[i]] = {ds.corpus.ids[d]: float(x) for d, x in zip(cands[i], scores[r])}
+        return evaluate_run(run, ds.qrels, self.metrics), run
+
+
+class MaxSimEvaluator:
+    """End-to-end ColBERT retrieval by exhaustive MaxSim over the whole corpus (fine up to ~10^5 documents).
+
+    Document token embeddings are computed once (fp16 on the model's device); each query batch is scored
+    against every document and the top-``depth`` kept.
+    """
+
+    def __init__(self, dataset: IRDataset, depth: int = 1000, metrics: Sequence[str] = DEFAULT_METRICS,
+                 batch_size: int = 64):  # fmt: skip
+        parse_measures(metrics)
+        self.dataset, self.depth, self.metrics, self.batch_size = dataset, depth, list(metrics), batch_size
+
+    @torch.no_grad()
+    def evaluate(self, model, device: str | torch.device | None = None, progress: bool = True) -> tuple[dict, Run]:
+        from tqdm.auto import tqdm
+
+        from kdir.teachers.colbert import maxsim
+
+        ds, dev = self.dataset, next(model.parameters()).device
+        model.eval()
+        texts = ds.corpus.texts
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        L = model.config["doc_max_length"]
+        d_emb = torch.zeros(len(texts), L, model.config["dim"], dtype=torch.float16, device=dev)
+        d_mask = torch.zeros(len(texts), L, dtype=torch.bool, device=dev)
+        for s in tqdm(range(0, len(texts), self.batch_size), desc="encode docs", disable=not progress):
+            idx = order[s : s + self.batch_size]
+            emb, mask = model.encode({k: v.to(dev) for k, v in model.tokenize([texts[i] for i in idx], "doc").items()},
+                                     "doc")  # fmt: skip
+            d_emb[idx, : emb.shape[1]], d_mask[idx, : emb.shape[1]] = emb.half(), mask
+        run: Run = {}
+        k = min(self.depth, len(texts))
+        for s in tqdm(range(0, len(ds.queries), self.batch_size), desc="search", disable=not progress):
+            qs = ds.queries.texts[s : s + self.batch_size]
+            q, q_mask = model.encode({k_: v.to(dev) for k_, v in model.tokenize(qs, "query").items()}, "query")
+            scores = torch.cat(
+                [
+                    maxsim(
+                        q.float(),
+                        q_mask,
+                        d_emb[c : c + 1024].float(),
+                        d_mask[c : c + 1024],
+                        model.config["similarity"],
+                    )
+                    for c in range(0, len(texts), 1024)
+                ],
+                dim=1,
+            )
+            top, rows = scores.topk(k, dim=1)
+            for qi, (t, r) in enumerate(zip(top.tolist(), rows.tolist())):
+                run[ds.queries.ids[s + qi]] = {ds.corpus.ids[d]: x for d, x in zip(r, t)}
+        return evaluate_run(run, ds.qrels, self.metrics), run

@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import logging
 
-import faiss
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 
-def build_index(docs: np.ndarray, factory: str = "Flat", use_gpu: bool | None = None) -> faiss.Index:
+def build_index(docs: np.ndarray, factory: str = "Flat", use_gpu: bool | None = None):
     """Index ``docs [N, dim]`` (float32) for inner-product search.
 
     Args:
         factory: a FAISS ``index_factory`` string (``Flat``, ``HNSW32``, ``IVF1024,PQ64``, ...).
         use_gpu: ``None`` = use every GPU faiss can see.
     """
+    import faiss  # imported here: stages that never search (teacher training on a GPU node) need no faiss
+
     docs = np.ascontiguousarray(docs, dtype=np.float32)
     index = faiss.index_factory(docs.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0

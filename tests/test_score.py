@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_cli
+
 from kdir.data.dataset import IRDataset
 from kdir.score import candidate_pairs
 from kdir.stores import ScoreStore, pair_keys_from_ids
@@ -34,7 +34,9 @@ def _args(teacher_dir, store, *extra):
 
 def _contents(store_path, dataset) -> tuple[np.ndarray, np.ndarray]:
     pairs = candidate_pairs(dataset, run_file=str(dataset_run(dataset)), depth=5)
-    keys = pair_keys_from_ids([dataset.queries.ids[q] for q in pairs[:, 0]], [dataset.corpus.ids[d] for d in pairs[:, 1]])
+    keys = pair_keys_from_ids(
+        [dataset.queries.ids[q] for q in pairs[:, 0]], [dataset.corpus.ids[d] for d in pairs[:, 1]]
+    )
     return keys, ScoreStore.open(store_path).lookup(keys)
 
 
@@ -62,7 +64,9 @@ def test_scores_cover_the_pairs_and_equal_the_teacher(reference, teacher_dir, qu
     q = ds.queries.ids[:3]
     d = [next(iter(ds.qrels[x])) for x in q]
     direct = teacher.score(q, [ds.corpus.texts[ds.corpus.index[x]] for x in d], [[0], [1], [2]])[:, 0]
-    assert np.allclose(ScoreStore.open(reference).lookup(pair_keys_from_ids(q, d)), direct.numpy(), rtol=1e-4)  # batch shapes differ: fp32 noise
+    assert np.allclose(
+        ScoreStore.open(reference).lookup(pair_keys_from_ids(q, d)), direct.numpy(), rtol=1e-4
+    )  # batch shapes differ: fp32 noise
 
 
 def test_killed_scoring_job_resumes_to_the_same_store(reference, teacher_dir, tmp_path, quickstart):

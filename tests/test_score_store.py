@@ -96,6 +96,20 @@ def test_compact_preserves_every_value(store):
     np.testing.assert_array_equal(after, expected)
 
 
+@pytest.mark.parametrize("n", [1, 2, 33, 5000])
+def test_lookup_matches_a_dict_for_skewed_and_extreme_keys(store, n):
+    rng = np.random.default_rng(n)
+    extreme = np.array([0, 1, 2**63, 2**64 - 2, 2**64 - 1], dtype=np.uint64)
+    clustered = np.arange(1000, 1000 + n, dtype=np.uint64)  # all in the first bucket
+    keys = np.concatenate([extreme, clustered, rng.integers(0, 2**64, size=n, dtype=np.uint64)])[: max(n, 3)]
+    values = rng.standard_normal(len(keys)).astype(np.float32)
+    store.append(keys, values)
+    truth = dict(zip(keys.tolist(), values.tolist()))
+    probes = np.concatenate([extreme, clustered - 1, clustered + 1, keys, keys + 1, keys - 1])
+    expected = np.array([truth.get(k, np.nan) for k in probes.tolist()], dtype=np.float32)
+    np.testing.assert_array_equal(store.lookup(probes), expected)
+
+
 def test_append_segment_is_idempotent_even_after_compaction(store):
     k1, k2 = pair_keys_from_ids(["q"], ["a"]), pair_keys_from_ids(["q"], ["b"])
     assert not store.has_segment("rank0-000012")

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 from uuid import uuid4
 
 import numpy as np
@@ -46,30 +46,47 @@ _RESERVED = ("format", "key", "count", "created", "updated", "kdir_version")
 _KEYS_FILE = re.compile(r"^seg-(\d{6,})-([A-Za-z0-9_.-]+)\.keys\.npy$")
 _ANY_FILE = re.compile(r"^seg-(\d{6,})-")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_BLOCK = 512  # keys per fence block: the in-memory fence holds every 512th key (16 bytes per 1,000 pairs)
+_BUCKET = 32  # mean keys per bucket of a segment's in-memory directory (~0.5 byte per pair)
 
 
-class _Segment(NamedTuple):
-    number: int
-    tag: str
-    keys: np.ndarray  # uint64, sorted, unique (a read-only view of a memory map)
-    values: np.ndarray  # float32
-    fence: np.ndarray  # keys[::_BLOCK], in memory
+class _Segment:
+    """One published segment: memory-mapped sorted keys and values, plus a directory built on first search.
+
+    Keys are uniform 64-bit hashes, so their top bits split a segment into buckets of ~32 keys; the directory
+    holds where each bucket starts. A search reads one directory entry and binary-searches a few keys in one
+    place of the memory map, ~15x faster than ``np.searchsorted`` over the whole map for random keys.
+    """
+
+    def __init__(self, number: int, tag: str, keys: np.ndarray, values: np.ndarray):
+        self.number, self.tag, self.keys, self.values = number, tag, keys, values
+        self._directory: tuple[np.ndarray, np.uint64, int] | None = None
+
+    def directory(self) -> tuple[np.ndarray, np.uint64, int]:
+        """``(starts [2**bits + 1], 64 - bits, search steps)``, built in one sequential pass over the keys."""
+        if self._directory is None:
+            n = len(self.keys)
+            bits = min(32, max(1, int(np.ceil(np.log2(max(n / _BUCKET, 2))))))
+            shift = np.uint64(64 - bits)
+            counts = np.zeros(2**bits, dtype=np.int64)
+            for i in range(0, n, 1 << 22):
+                counts += np.bincount((self.keys[i : i + (1 << 22)] >> shift).astype(np.intp), minlength=2**bits)
+            starts = np.zeros(2**bits + 1, dtype=np.int64)
+            np.cumsum(counts, out=starts[1:])
+            self._directory = starts, shift, int(max(counts.max(), 1) - 1).bit_length()
+        return self._directory
 
     def find(self, wanted: np.ndarray) -> np.ndarray:
-        """Index of the last key <= each wanted key (0 if none): the fence picks a block, then a vectorised
-        binary search within it. ~4x faster than ``np.searchsorted`` on a large memory map for random keys,
-        as each search touches one block instead of ~log2(n) scattered pages."""
-        n = len(self.keys)
-        base = np.searchsorted(self.fence, wanted, side="right").astype(np.int64)
-        np.subtract(base, 1, out=base)
-        np.maximum(base, 0, out=base)
-        base *= _BLOCK
-        step = _BLOCK // 2
-        while step:
-            probe = np.minimum(base + step, n - 1)
-            np.copyto(base, probe, where=self.keys[probe] <= wanted)
-            step //= 2
+        """Per wanted key, the index of the last key <= it within its bucket (so ``keys[i] == w`` iff stored)."""
+        starts, shift, steps = self.directory()
+        bucket = (wanted >> shift).astype(np.intp)
+        base = starts[bucket]
+        size = starts[bucket + 1] - base
+        np.minimum(base, len(self.keys) - 1, out=base)  # an empty last bucket starts at n
+        for _ in range(steps):  # branchless: base stays in [start, start + size)
+            half = size >> 1
+            mid = base + half
+            np.copyto(base, mid, where=self.keys[mid] <= wanted)
+            size -= half
         return base
 
 
@@ -260,7 +277,7 @@ class ScoreStore:
             arrays.append(arr.view(np.ndarray))
         if len(arrays[0]) != len(arrays[1]):
             raise DataFormatError(stem, None, "as many values as keys", got=f"{len(arrays[1])} vs {len(arrays[0])}")
-        return _Segment(number, tag, *arrays, fence=np.ascontiguousarray(arrays[0][::_BLOCK]))
+        return _Segment(number, tag, *arrays)
 
     def refresh(self) -> ScoreStore:
         """Pick up segments published (or removed by a compaction) since the last look."""
@@ -369,7 +386,8 @@ class ScoreStore:
     def compact(self) -> Path | None:
         """Merge all segments into one (newest wins); returns its keys file (None for an empty store).
 
-        Needs the store to itself (no concurrent appends). Peak memory is about 28 bytes per stored pair.
+        Needs the store to itself (no concurrent appends). Peak memory is about 40 bytes per stored pair
+        (1.7 GB for 40M pairs, 0.5 GB of it the memory-mapped segments being merged).
         """
         self.refresh()
         old = [(s.number, s.tag) for s in self._segments]

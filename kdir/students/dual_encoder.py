@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
@@ -45,13 +46,18 @@ class TextFormatter:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+# Weights are loaded in fp32 whatever dtype they were saved in (transformers >= 5 keeps the saved dtype by
+# default, and fp16/bf16 parameters would silently train in half precision): mixed precision is the trainer's job.
+FP32 = {"dtype": torch.float32} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": torch.float32}
+
+
 def _load_backbone(name_or_path: str | Path) -> nn.Module:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report would list the skipped pooler weights
     try:  # BERT-like models: skip the pooler head, unused by kdir's pooling
-        model = AutoModel.from_pretrained(str(name_or_path), add_pooling_layer=False)
+        model = AutoModel.from_pretrained(str(name_or_path), add_pooling_layer=False, **FP32)
     except TypeError:
-        model = AutoModel.from_pretrained(str(name_or_path))
+        model = AutoModel.from_pretrained(str(name_or_path), **FP32)
     finally:
         hf_logging.set_verbosity(verbosity)
     if getattr(model, "pooler", None) is not None:

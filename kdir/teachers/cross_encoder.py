@@ -17,7 +17,7 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from kdir.students.dual_encoder import _load_backbone
+from kdir.students.dual_encoder import FP32, _load_backbone
 from kdir.teachers.base import Teacher, as_candidates, to_device
 
 
@@ -59,7 +59,9 @@ class CrossEncoder(Teacher):
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()  # from a plain encoder the load report lists the new head
             try:
-                self.model = AutoModelForSequenceClassification.from_pretrained(str(model_name_or_path), num_labels=1)
+                self.model = AutoModelForSequenceClassification.from_pretrained(
+                    str(model_name_or_path), num_labels=1, **FP32
+                )
             finally:
                 hf_logging.set_verbosity(verbosity)
 

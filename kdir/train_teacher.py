@@ -1,0 +1,71 @@
+"""Train a teacher with hard labels: ``python -m kdir.train_teacher teacher=<cross_encoder|colbert|bi_encoder>``.
+
+Softmax cross-entropy of the labelled positive against its negatives (cross-encoders: ``pairwise``
+``[B, 1+n]``) or against every document of the batch (bi-encoders / ColBERT: ``inbatch``). The trained
+teacher is saved as an HF-format folder (``<output_dir>/teacher``) and evaluated with ir-measures by the
+``teacher_eval`` evaluator (re-ranking a first-stage run, or end-to-end retrieval).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import kdir  # noqa: F401  (registers config resolvers)
+from kdir.errors import KdirError
+from kdir.losses import InfoNCE
+from kdir.metrics import write_trec_run
+from kdir.module import DistillModule
+from kdir.teachers import CrossEncoder
+from kdir.utils import instantiate_group, print_metrics, save_json
+
+log = logging.getLogger("kdir.train_teacher")
+
+
+def train_teacher(cfg: DictConfig) -> dict[str, float]:
+    pl.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    model = instantiate(cfg.teacher.model)
+    layout = cfg.layout or ("pairwise" if isinstance(model, CrossEncoder) else "inbatch")
+    loss = InfoNCE(layout=layout, temperature=cfg.temperature)
+    log.info("training %s with %r", type(model).__name__, loss)
+    datamodule = instantiate(cfg.data, model=model, layout=layout)
+    module = DistillModule(model, loss, instantiate(cfg.optim.optimizer), cfg.optim.warmup, output_dir=out)
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, enable_checkpointing=False)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+    metrics: dict[str, float] = {}
+    if trainer.is_global_zero:
+        model.save_pretrained(out / "teacher")
+        log.info("teacher saved to %s", out / "teacher")
+        if cfg.get("teacher_eval"):
+            evaluator = instantiate(cfg.teacher_eval)
+            start = time.perf_counter()
+            metrics, run = evaluator.evaluate(model.to(trainer.strategy.root_device))  # fit ends on the CPU
+            write_trec_run(run, out / "run.trec", tag=cfg.run_name)
+            save_json({"metrics": metrics, "train_seconds": train_seconds,
+                       "eval_seconds": time.perf_counter() - start}, out / "metrics.json")  # fmt: skip
+            print_metrics({cfg.run_name: metrics}, title=f"{evaluator.dataset.name} (teacher)")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_teacher")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return train_teacher(cfg).get("nDCG@10")
+    except (KdirError, FileNotFoundError, ValueError, KeyError) as e:
+        log.error("%s: %s", type(e).__name__, e)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
