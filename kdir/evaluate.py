@@ -39,7 +39,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     seconds = time.perf_counter() - start
     write_trec_run(run, out / "run.trec", tag=cfg.run_name)
     save_json({"dataset": evaluator.dataset.name, "metrics": metrics, "seconds": seconds}, out / "metrics.json")
-    print_metrics({cfg.run_name: metrics}, title=f"{evaluator.dataset.name} ({seconds:.1f} s) — {out}")
+    print_metrics({cfg.run_name: metrics}, title=f"{evaluator.dataset.name} ({seconds:.1f} s)")
+    print(f"outputs: {out}")
     return metrics
 
 

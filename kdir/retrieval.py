@@ -39,7 +39,11 @@ def search(
     queries: np.ndarray, docs: np.ndarray, k: int, factory: str = "Flat", use_gpu: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` documents per query by inner product: ``(scores [Nq, k], doc_rows [Nq, k])``, best first."""
+    import faiss
+
     index = build_index(docs, factory, use_gpu)
     k = min(k, docs.shape[0])
+    if "HNSW" in factory:  # an HNSW search returns at most efSearch hits: make room for all k
+        faiss.ParameterSpace().set_index_parameter(index, "efSearch", max(k, 16))
     scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return scores, rows

@@ -65,6 +65,9 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         results["trained"] = {k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items()
                               if k.startswith("test/")}  # fmt: skip
+    for lg in loggers:  # one W&B run per job, also in a multirun (all jobs share this process)
+        if type(lg).__name__ == "WandbLogger":
+            lg.experiment.finish()
     if trainer.is_global_zero:
         if cfg.export_student and not trainer.fast_dev_run:
             student.save_pretrained(out / "student")
@@ -77,7 +80,8 @@ def _report(results: dict, test, out: Path, best: str | None) -> None:
     save_json(results | {"best_checkpoint": best}, out / "metrics.json")
     if not results:
         return
-    print_metrics(results, title=f"{test.dataset.name if test else ''} — {out}")
+    print_metrics(results, title=test.dataset.name if test else "")
+    print(f"outputs: {out}")
     before, after = results.get("untrained"), results.get("trained")
     if before and after and "nDCG@10" in after:
         delta = after["nDCG@10"] - before["nDCG@10"]

@@ -103,8 +103,9 @@ class IRDataset:
         return TextStore.from_pairs(((q, queries.texts[queries.index[q]]) for q in keep), source=name)
 
     @classmethod
-    def from_beir(cls, root: str | Path, split: str = "test", min_relevance: int = 1) -> IRDataset:
-        """Load a BEIR-layout folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``."""
+    def from_beir(cls, root: str | Path, split: str = "test", min_relevance: int = 1, name: str | None = None
+                  ) -> IRDataset:  # fmt: skip
+        """Load a BEIR folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``; ``name`` labels logs."""
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: no such dataset folder (expected corpus.jsonl, queries.jsonl, qrels/)")
@@ -116,7 +117,7 @@ class IRDataset:
         _check_positives(qrels, min_relevance, qrels_path)
         corpus = load_texts(str(root / "corpus.jsonl"))
         queries = cls._restrict(load_texts(str(root / "queries.jsonl")), qrels, str(qrels_path))
-        return cls(corpus, queries, qrels, min_relevance, name=f"{root.name}/{split}")
+        return cls(corpus, queries, qrels, min_relevance, name=f"{name or root.name}/{split}")
 
     @classmethod
     def from_msmarco(
