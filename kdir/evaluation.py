@@ -84,14 +84,13 @@ class RetrievalEvaluator:
 
 
 def _candidate_lists(dataset: IRDataset, run_file: str, depth: int) -> list[np.ndarray]:
-    from kdir.data.readers import read_trec_run
+    from kdir.data.readers import read_trec_run, top_ranked
 
     run = read_trec_run(run_file)
     out = []
     for qid in dataset.queries.ids:
         cands = run.get(qid, {})
-        best = sorted(cands, key=cands.__getitem__, reverse=True)[:depth]
-        out.append(dataset.corpus.codes(best, source=run_file))
+        out.append(dataset.corpus.codes(top_ranked(cands, depth), source=run_file))
     return out
 
 

@@ -19,7 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from kdir.evaluation import RetrievalEvaluator
 from kdir.losses.base import Candidates, Loss
-from kdir.metrics import Run, write_trec_run
+from kdir.metrics import write_trec_run
 from kdir.students.dual_encoder import DualEncoder
 from kdir.teachers.signal import TeacherSignal
 
@@ -49,7 +49,6 @@ class DistillModule(pl.LightningModule):
         self.evaluators = {"val": val, "test": test}
         self.output_dir = Path(output_dir) if output_dir else None
         self._encoded: dict[str, list[tuple[Tensor, Tensor]]] = {"query": [], "doc": []}
-        self.last_run: dict[str, Run] = {}
 
     # ------------------------------------------------------------------ training
     def candidates(self, batch: dict) -> Candidates:
@@ -125,7 +124,6 @@ class DistillModule(pl.LightningModule):
             q, d = self._gathered("query", len(ds.queries)), self._gathered("doc", len(ds.corpus))
             run = evaluator.retrieve(q.numpy(), d.numpy())
             metrics = evaluator.score(run)
-            self.last_run[stage] = run
             self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=stage == "val")
             if stage == "test" and self.output_dir is not None and self.trainer.is_global_zero:
                 write_trec_run(run, self.output_dir / "runs" / "test.trec", tag="kdir")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.data.dataset import IRDataset
 from kdir.data.examples import QrelsExamples, RunNegatives, TripleExamples, positive_keys
-from kdir.data.readers import read_trec_run
+from kdir.data.readers import read_trec_run, top_ranked
 from kdir.errors import KdirError
 from kdir.stores import ScoreStore, id_hashes, pair_keys
 from kdir.teachers.signal import teacher_meta
@@ -41,8 +41,7 @@ def candidate_pairs(dataset: IRDataset, examples=None, run_file: str | None = No
         for qid, cands in read_trec_run(run_file).items():
             q = dataset.queries.index.get(qid)
             if q is not None:
-                best = sorted(cands, key=cands.__getitem__, reverse=True)[:depth]
-                keys.append(q * n_docs + dataset.corpus.codes(best, source=run_file))
+                keys.append(q * n_docs + dataset.corpus.codes(top_ranked(cands, depth), source=run_file))
     elif isinstance(examples, TripleExamples):
         ex = examples.build(dataset)
         keys.append((ex.queries[:, None] * n_docs + ex.negatives).reshape(-1))

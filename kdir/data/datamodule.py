@@ -73,13 +73,13 @@ class DistillDataModule(pl.LightningDataModule):
         return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=False, pin_memory=False)  # fmt: skip
 
-    def _eval_loaders(self, evaluator: RetrievalEvaluator | None, stage: str) -> list[DataLoader]:
+    def _eval_loaders(self, evaluator: RetrievalEvaluator | None) -> list[DataLoader]:
         if evaluator is None:
             return []
         return evaluator.dataloaders(self.model.query_formatter, self.model.doc_formatter, self.num_workers)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders(self.val, "val")
+        return self._eval_loaders(self.val)
 
     def test_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders(self.test, "test")
+        return self._eval_loaders(self.test)

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from kdir.data.dataset import IRDataset
-from kdir.data.readers import read_id_triples, read_margin_scores, read_trec_run
+from kdir.data.readers import read_id_triples, read_margin_scores, read_trec_run, top_ranked
 from kdir.errors import EmptySplitError, UnknownIdError
 
 
@@ -75,8 +75,7 @@ class RunNegatives:
             q = dataset.queries.index.get(qid)
             if q is None:
                 continue  # the run may cover more queries than this split
-            best = sorted(cands, key=cands.__getitem__, reverse=True)[: self.depth]
-            docs = dataset.corpus.codes(best, source=self.path)
+            docs = dataset.corpus.codes(top_ranked(cands, self.depth), source=self.path)
             if self.exclude_positives:
                 docs = docs[~_is_positive(np.full(len(docs), q), docs, positive_keys, n_docs)]
             self.pool[q, : len(docs)], self.counts[q] = docs, len(docs)

@@ -115,6 +115,11 @@ def read_trec_run(path: str | Path) -> dict[str, dict[str, float]]:
     return run
 
 
+def top_ranked(candidates: dict[str, float], depth: int) -> list[str]:
+    """The ``depth`` best-scored document ids of one query's run entry, best first."""
+    return sorted(candidates, key=candidates.__getitem__, reverse=True)[:depth]
+
+
 def read_id_triples(path: str | Path) -> Iterator[tuple[int, str, str, str]]:
     """Yield ``(line, qid, pos_pid, neg_pid)`` from an MS MARCO id triples file."""
     for lineno, (qid, pos, neg) in _rows(path, (3,), "'qid<TAB>pos_pid<TAB>neg_pid'"):
