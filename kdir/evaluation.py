@@ -139,55 +139,66 @@ class RerankEvaluator:
         return evaluate_run(run, ds.qrels, self.metrics), run
 
 
-class MaxSimEvaluator:
+class MaxSimEvaluator(RetrievalEvaluator):
     """End-to-end ColBERT retrieval by exhaustive MaxSim over the whole corpus (fine up to ~10^5 documents).
 
-    Document token embeddings are computed once (fp16 on the model's device); each query batch is scored
-    against every document and the top-``depth`` kept.
+    Token embeddings are kept in fp16, padded to the model's maximum lengths; each block of queries is
+    scored against every document and the top-``depth`` kept. In training, the module encodes (sharded
+    across ranks) and calls :meth:`retrieve`; standalone, :meth:`evaluate` does everything.
     """
 
     def __init__(self, dataset: IRDataset, depth: int = 1000, metrics: Sequence[str] = DEFAULT_METRICS,
-                 batch_size: int = 64):  # fmt: skip
-        parse_measures(metrics)
-        self.dataset, self.depth, self.metrics, self.batch_size = dataset, depth, list(metrics), batch_size
+                 batch_size: int = 64, doc_chunk: int = 1024):  # fmt: skip
+        super().__init__(dataset, metrics, depth, batch_size=batch_size)
+        self.doc_chunk = doc_chunk
+
+    @torch.no_grad()
+    def retrieve(self, queries: tuple[torch.Tensor, torch.Tensor], docs: tuple[torch.Tensor, torch.Tensor],
+                 similarity: str = "cosine", device: str | torch.device | None = None) -> Run:  # fmt: skip
+        """Top-``depth`` run from ``(embeddings [N, L, dim], mask [N, L])`` of the queries and the corpus."""
+        from kdir.teachers.colbert import maxsim
+
+        (q, q_mask), (d, d_mask) = queries, docs
+        device = device or d.device
+        d, d_mask = d.to(device), d_mask.to(device)
+        k = min(self.depth, len(d))
+        top_scores, top_rows = [], []
+        for s in range(0, len(q), self.batch_size):
+            qb, mb = q[s : s + self.batch_size].to(device).float(), q_mask[s : s + self.batch_size].to(device)
+            scores = torch.cat([maxsim(qb, mb, d[c : c + self.doc_chunk].float(), d_mask[c : c + self.doc_chunk],
+                                       similarity) for c in range(0, len(d), self.doc_chunk)], dim=1)  # fmt: skip
+            top = scores.topk(k, dim=1)
+            top_scores.append(top.values.cpu())
+            top_rows.append(top.indices.cpu())
+        scores, rows = torch.cat(top_scores).numpy(), torch.cat(top_rows).numpy()
+        return run_from_topk(self.dataset.queries.ids, self.dataset.corpus.ids, scores, rows)
+
+    @torch.no_grad()
+    def encode_side(self, model, texts: Sequence[str], side: str, progress: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``(fp16 embeddings [N, L, dim], bool mask [N, L])`` of ``texts``, padded to the model's maximum length."""
+        from tqdm.auto import tqdm
+
+        dev = next(model.parameters()).device
+        L = model.config[f"{side}_max_length"]
+        emb = torch.zeros(len(texts), L, model.config["dim"], dtype=torch.float16, device=dev)
+        mask = torch.zeros(len(texts), L, dtype=torch.bool, device=dev)
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        fmt = model.formatter(side)
+        for s in tqdm(range(0, len(texts), self.batch_size), desc=f"encode {side}", disable=not progress):
+            idx = order[s : s + self.batch_size]
+            e, m = model.encode({k: v.to(dev) for k, v in fmt([texts[i] for i in idx]).items()}, side)
+            emb[idx, : e.shape[1]], mask[idx, : e.shape[1]] = e.half(), m
+        return emb, mask
 
     @torch.no_grad()
     def evaluate(self, model, device: str | torch.device | None = None, progress: bool = True) -> tuple[dict, Run]:
-        from tqdm.auto import tqdm
-
-        from kdir.teachers.colbert import maxsim
-
-        ds, dev = self.dataset, next(model.parameters()).device
+        was_training = model.training
         model.eval()
-        texts = ds.corpus.texts
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        L = model.config["doc_max_length"]
-        d_emb = torch.zeros(len(texts), L, model.config["dim"], dtype=torch.float16, device=dev)
-        d_mask = torch.zeros(len(texts), L, dtype=torch.bool, device=dev)
-        for s in tqdm(range(0, len(texts), self.batch_size), desc="encode docs", disable=not progress):
-            idx = order[s : s + self.batch_size]
-            emb, mask = model.encode({k: v.to(dev) for k, v in model.tokenize([texts[i] for i in idx], "doc").items()},
-                                     "doc")  # fmt: skip
-            d_emb[idx, : emb.shape[1]], d_mask[idx, : emb.shape[1]] = emb.half(), mask
-        run: Run = {}
-        k = min(self.depth, len(texts))
-        for s in tqdm(range(0, len(ds.queries), self.batch_size), desc="search", disable=not progress):
-            qs = ds.queries.texts[s : s + self.batch_size]
-            q, q_mask = model.encode({k_: v.to(dev) for k_, v in model.tokenize(qs, "query").items()}, "query")
-            scores = torch.cat(
-                [
-                    maxsim(
-                        q.float(),
-                        q_mask,
-                        d_emb[c : c + 1024].float(),
-                        d_mask[c : c + 1024],
-                        model.config["similarity"],
-                    )
-                    for c in range(0, len(texts), 1024)
-                ],
-                dim=1,
-            )
-            top, rows = scores.topk(k, dim=1)
-            for qi, (t, r) in enumerate(zip(top.tolist(), rows.tolist())):
-                run[ds.queries.ids[s + qi]] = {ds.corpus.ids[d]: x for d, x in zip(r, t)}
-        return evaluate_run(run, ds.qrels, self.metrics), run
+        try:
+            docs = self.encode_side(model, self.dataset.corpus.texts, "doc", progress)
+            queries = self.encode_side(model, self.dataset.queries.texts, "query", progress)
+        finally:
+            model.train(was_training)
+        run = self.retrieve(queries, docs, model.config["similarity"])
+        return self.score(run), run

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from kdir.evaluation import RetrievalEvaluator
 from kdir.losses.base import Candidates, Loss
@@ -30,40 +31,91 @@ class DistillModule(pl.LightningModule):
     """Train ``student`` with ``loss`` (on teacher scores carried by the batch, when the loss uses them).
 
     Args:
-        student: the dual encoder being trained.
-        loss: a :class:`~kdir.losses.base.Loss`.
+        student: the trained model: a :class:`~kdir.students.DualEncoder`, or a ColBERT (multi-vector, evaluated
+            by MaxSim).
+        loss: a :class:`~kdir.losses.base.Loss` (its parameters, e.g. an embedding-matching projection, are
+            optimised with the student's).
         optimizer: partial optimizer (``torch.optim.AdamW`` with lr etc.); bias/LayerNorm get no weight decay.
         warmup: linear warm-up steps (``>= 1``) or fraction of all steps (``< 1``), then linear decay to 0.
         val / test: evaluators for end-to-end retrieval at validation / test time.
         output_dir: where test run files and metrics go.
         signal: the teacher signal (``None`` for hard-label losses). Its teacher model is frozen, moved to
             this module's device, and kept out of the checkpoint and the optimizer.
+        gather_across_devices: ``inbatch`` layout only: score every query against the candidate documents of
+            all ranks (gradients flow through the gather). Off by default: TCT-ColBERT and CollectiveKD use the
+            per-device pool. Needs a single-vector student and no teacher or a bi-encoder teacher.
+        schedule: ``linear`` (warm-up then linear decay to 0) or ``constant`` (warm-up then constant, as
+            CollectiveKD's released training).
     """
 
     def __init__(self, student: DualEncoder, loss: Loss, optimizer: Callable[..., torch.optim.Optimizer],
                  warmup: float = 0.1, val: RetrievalEvaluator | None = None, test: RetrievalEvaluator | None = None,
-                 output_dir: str | Path | None = None, signal: TeacherSignal | None = None):  # fmt: skip
+                 output_dir: str | Path | None = None, signal: TeacherSignal | None = None,
+                 gather_across_devices: bool = False, schedule: str = "linear"):  # fmt: skip
         super().__init__()
+        if schedule not in ("linear", "constant"):
+            raise ValueError(f"schedule must be linear or constant, got {schedule!r}")
+        if gather_across_devices and loss.layout != "inbatch":
+            raise ValueError("gather_across_devices needs the inbatch layout")
         self.student, self.loss, self.optimizer_factory, self.warmup = student, loss, optimizer, warmup
         self.signal = signal  # a plain attribute, not a submodule: no teacher weights in checkpoints
         self.evaluators = {"val": val, "test": test}
         self.output_dir = Path(output_dir) if output_dir else None
-        self._encoded: dict[str, list[tuple[Tensor, Tensor]]] = {"query": [], "doc": []}
+        self.gather_across_devices, self.schedule = gather_across_devices, schedule
+        self._encoded: dict[str, list[tuple]] = {"query": [], "doc": []}
 
     # ------------------------------------------------------------------ training
     def candidates(self, batch: dict) -> Candidates:
-        """Student scores (and teacher scores) ``[B, C]`` in the batch's candidate layout."""
-        student = self.student(batch["inputs"]).float()
-        teacher = self.signal.scores(batch) if self.signal is not None else None
+        """Student scores (and teacher scores, embeddings) ``[B, C]`` in the batch's candidate layout."""
+        positive, false_negative = batch["positive"], batch["false_negative"]
+        embeddings: dict[str, tuple[Tensor, Tensor]] = {}
+        if self.gather_across_devices and self.trainer.world_size > 1:
+            student, teacher, positive, false_negative = self._gathered_scores(batch)
+        elif self.loss.uses_embeddings:
+            student, s_q, s_d = self.student.outputs(batch["inputs"], positive)
+            teacher, t_q, t_d = self.signal.outputs(batch, positive)
+            embeddings = {"query": (s_q, t_q), "doc": (s_d, t_d)}
+        else:
+            student = self.student(batch["inputs"])
+            teacher = self.signal.scores(batch) if self.signal is not None else None
+        student = student.float()
         mask = torch.ones_like(student, dtype=torch.bool) if teacher is None else ~torch.isnan(teacher)
-        return Candidates(student, teacher, batch["positive"], mask, batch["false_negative"], self.loss.layout)
+        return Candidates(student, teacher, positive, mask, false_negative, self.loss.layout,
+                          batch.get("generated"), embeddings)  # fmt: skip
+
+    def _gathered_scores(self, batch: dict) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """Scores against the in-batch documents of every rank (positives first over all ranks)."""
+        from kdir.distributed import gather_inbatch
+
+        if self.loss.uses_embeddings or not hasattr(self.student, "embed"):
+            raise ValueError("gather_across_devices needs a single-vector student and no embedding-matching loss")
+        inputs, positive = batch["inputs"], batch["positive"]
+        n_pos = int((positive >= 0).sum())
+        order = inputs["candidates"][0]  # inbatch: every row lists all documents of the batch, positives first
+        q, d = self.student.embed(inputs)
+        docs, offset = gather_inbatch(d[order], n_pos)
+        local_col = torch.arange(len(order), device=q.device, dtype=torch.float32)[:, None]
+        rank = torch.full_like(local_col, float(self.global_rank))
+        origin, _ = gather_inbatch(torch.cat([rank, local_col], 1), n_pos)  # (rank, local column) per global column
+        mine = origin[:, 0] == self.global_rank
+        false_negative = torch.zeros(len(q), len(docs), dtype=torch.bool, device=q.device)
+        false_negative[:, mine] = batch["false_negative"][:, origin[mine, 1].long()]
+        teacher = None
+        if self.signal is not None:
+            t_q, t_d = self.signal.embed(batch)
+            t_docs, _ = gather_inbatch(t_d[order], n_pos)
+            teacher = (t_q @ t_docs.T).float()
+        positive = torch.where(positive >= 0, positive + offset, positive)
+        return q @ docs.T, teacher, positive, false_negative
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         c = self.candidates(batch)
-        loss = self.loss(c)
-        bs = c.student.shape[0]
+        terms = self.loss.terms(c)
+        loss = sum(terms.values())
+        bs = len(c)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log(f"train/loss/{self.loss.name}", loss, batch_size=bs)
+        for name, value in terms.items():
+            self.log(f"train/loss/{name}", value, batch_size=bs)
         return loss
 
     def on_fit_start(self) -> None:
@@ -85,19 +137,29 @@ class DistillModule(pl.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for p in self.student.parameters():
+        for p in [*self.student.parameters(), *self.loss.parameters()]:
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)
         opt = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
-        sched = get_linear_schedule_with_warmup(opt, warmup, max(total, 1))
+        if self.schedule == "constant":
+            sched = get_constant_schedule_with_warmup(opt, warmup)
+        else:
+            sched = get_linear_schedule_with_warmup(opt, warmup, max(total, 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---------------------------------------------------------------- evaluation
     def _encode_step(self, batch: dict, dataloader_idx: int) -> None:
         side = "query" if dataloader_idx == 0 else "doc"
-        self._encoded[side].append((batch["rows"], self.student.encode(batch["tokens"], side).float()))
+        out = self.student.encode(batch["tokens"], side)
+        if isinstance(out, tuple):  # multi-vector: fp16 token embeddings padded to the side's maximum length
+            emb, mask = out
+            pad = self.student.config[f"{side}_max_length"] - emb.shape[1]
+            out = (F.pad(emb.half(), (0, 0, 0, pad)), F.pad(mask, (0, pad)))
+        else:
+            out = (out.float(),)
+        self._encoded[side].append((batch["rows"], *out))
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._encode_step(batch, dataloader_idx)
@@ -105,15 +167,19 @@ class DistillModule(pl.LightningModule):
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._encode_step(batch, dataloader_idx)
 
-    def _gathered(self, side: str, n: int) -> Tensor:
-        rows = torch.cat([r for r, _ in self._encoded[side]])
-        emb = torch.cat([e for _, e in self._encoded[side]])
+    def _gathered(self, side: str, n: int) -> tuple[Tensor, ...]:
+        """This side's encodings of all ranks, in dataset row order (one tensor, or embeddings + mask)."""
+        parts = [torch.cat(p) for p in zip(*self._encoded[side])]
+        rows, values = parts[0], parts[1:]
         if self.trainer.world_size > 1:  # equal shards per rank (DistributedSampler pads)
             rows = self.all_gather(rows).reshape(-1)
-            emb = self.all_gather(emb).reshape(-1, emb.shape[-1])
-        full = torch.zeros(n, emb.shape[-1], dtype=torch.float32)
-        full[rows.cpu()] = emb.cpu()
-        return full
+            values = [self.all_gather(v).reshape(-1, *v.shape[1:]) for v in values]
+        out = []
+        for v in values:
+            full = torch.zeros(n, *v.shape[1:], dtype=v.dtype, device=v.device)
+            full[rows.to(v.device)] = v
+            out.append(full)
+        return tuple(out)
 
     def _finish_eval(self, stage: str) -> None:
         evaluator = self.evaluators[stage]
@@ -122,7 +188,10 @@ class DistillModule(pl.LightningModule):
                 return
             ds = evaluator.dataset
             q, d = self._gathered("query", len(ds.queries)), self._gathered("doc", len(ds.corpus))
-            run = evaluator.retrieve(q.numpy(), d.numpy())
+            if len(q) == 2:
+                run = evaluator.retrieve(q, d, self.student.config["similarity"], self.device)
+            else:
+                run = evaluator.retrieve(q[0].cpu().numpy(), d[0].cpu().numpy())
             metrics = evaluator.score(run)
             self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=stage == "val")
             if stage == "test" and self.output_dir is not None and self.trainer.is_global_zero:

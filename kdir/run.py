@@ -41,7 +41,8 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     val = instantiate(cfg.eval.val) if cfg.eval.get("val") else None
     test = instantiate(cfg.eval.test) if cfg.eval.get("test") else None
     datamodule = instantiate(cfg.data, model=student, layout=loss.layout, signal=signal, val=val, test=test)
-    module = DistillModule(student, loss, instantiate(cfg.optim.optimizer), cfg.optim.warmup, val, test, out, signal)
+    module = DistillModule(student, loss, instantiate(cfg.optim.optimizer), cfg.optim.warmup, val, test, out, signal,
+                           cfg.get("gather_across_devices", False), cfg.optim.get("schedule", "linear"))  # fmt: skip
 
     if val is None and cfg.get("callbacks") and "model_checkpoint" in cfg.callbacks:
         with open_dict(cfg):

@@ -11,6 +11,7 @@ from kdir.data.dataset import IRDataset
 from kdir.data.examples import positive_keys
 
 if TYPE_CHECKING:
+    from kdir.data.generated import GeneratedQueries
     from kdir.losses.base import Layout
     from kdir.students.dual_encoder import TextFormatter
     from kdir.teachers.signal import TeacherSignal
@@ -39,12 +40,22 @@ class TrainCollator:
 
     The batch's document list is de-duplicated, so each text is tokenised once; ``candidates`` index it in
     the chosen layout. Output keys: ``inputs`` (the trained model's ``prepare`` output), ``positive``,
-    ``false_negative``, ``rows``, plus the teacher signal's entries (``teacher`` scores, ``teacher_inputs``
-    or ``teacher_fill``) when a signal is given.
+    ``false_negative``, ``rows``, ``generated``, plus the teacher signal's entries (``teacher`` scores,
+    ``teacher_inputs`` or ``teacher_fill``) when a signal is given.
+
+    With ``generated`` queries (EmbedDistill), ``generated_per_batch`` of them are drawn for every batch and
+    appended as extra rows over the same in-batch documents, with no positive (``-1``) and ``generated=True``:
+    losses that read labels skip them.
     """
 
-    def __init__(self, dataset: IRDataset, model: Preparer, layout: Layout, signal: TeacherSignal | None = None):
+    def __init__(self, dataset: IRDataset, model: Preparer, layout: Layout, signal: TeacherSignal | None = None,
+                 generated: GeneratedQueries | None = None, generated_per_batch: int = 0, seed: int = 0):  # fmt: skip
+        if generated is not None and generated_per_batch > 0 and layout != "inbatch":
+            raise ValueError("generated queries need the inbatch layout (they have no documents of their own)")
         self.dataset, self.model, self.layout, self.signal = dataset, model, layout, signal
+        self.generated = generated if generated is not None and generated_per_batch > 0 else None
+        self.n_generated = min(generated_per_batch, len(generated)) if self.generated is not None else 0
+        self.seed = seed
         self.positive_keys = positive_keys(dataset)
         self.n_docs = len(dataset.corpus)
 
@@ -60,14 +71,23 @@ class TrainCollator:
         is_pos[np.arange(b), positive] = False  # the labelled column itself is not a false negative
         qtexts = [self.dataset.queries.texts[i] for i in q]
         dtexts = [self.dataset.corpus.texts[i] for i in unique]
+        g = self.n_generated
+        if g:  # generated rows: same in-batch columns, no positive, no false negatives
+            rows = np.asarray(item["rows"])
+            rng = np.random.default_rng([self.seed, int(rows[0]), len(rows), 7])
+            qtexts += [self.generated.texts[i] for i in rng.choice(len(self.generated), g, replace=False)]
+            candidates = np.concatenate([candidates, np.broadcast_to(candidates[:1], (g, candidates.shape[1]))])
+            positive = np.concatenate([positive, np.full(g, -1)])
+            is_pos = np.concatenate([is_pos, np.zeros((g, is_pos.shape[1]), dtype=bool)])
         batch = {
             "inputs": self.model.prepare(qtexts, dtexts, candidates),
             "positive": torch.from_numpy(positive),
             "false_negative": torch.from_numpy(is_pos),
+            "generated": torch.arange(b + g) >= b,
             "rows": item["rows"],
         }
         if self.signal is not None:
-            batch |= self.signal.collate(q, unique, candidates, qtexts, dtexts)
+            batch |= self.signal.collate(q, unique, candidates, qtexts, dtexts, n_generated=g)
         return batch
 
 

@@ -15,6 +15,7 @@ from kdir.data.examples import Examples, QrelsExamples, TripleExamples
 from kdir.data.stream import ExampleStream
 
 if TYPE_CHECKING:
+    from kdir.data.generated import GeneratedQueries
     from kdir.data.collate import Preparer
     from kdir.evaluation import RetrievalEvaluator
     from kdir.losses.base import Layout
@@ -35,13 +36,17 @@ class DistillDataModule(pl.LightningDataModule):
         model / layout / signal: set by ``kdir.run``: the trained model (its ``prepare`` tokenises), the
             candidate layout and the teacher signal (``None``: no teacher scores in the batch).
         val / test: evaluators, set by ``kdir.run`` from the ``eval`` config.
+        generated: unlabelled generated queries (``kdir.generate_queries``), added to every batch as
+            ``generated_per_batch`` extra rows (inbatch layout; they never get hard labels).
     """
 
     def __init__(self, train: IRDataset, examples: QrelsExamples | TripleExamples, batch_size: int = 32,
                  num_workers: int = 0, seed: int = 42, shuffle: bool = True, model: Preparer | None = None,
                  layout: Layout = "pairwise", signal: TeacherSignal | None = None,
-                 val: RetrievalEvaluator | None = None, test: RetrievalEvaluator | None = None):  # fmt: skip
+                 val: RetrievalEvaluator | None = None, test: RetrievalEvaluator | None = None,
+                 generated: GeneratedQueries | None = None, generated_per_batch: int = 0):  # fmt: skip
         super().__init__()
+        self.generated, self.generated_per_batch = generated, generated_per_batch
         self.train, self.batch_size, self.num_workers = train, batch_size, num_workers
         self.seed, self.shuffle, self.model, self.layout = seed, shuffle, model, layout
         self.examples: Examples = examples.build(train)
@@ -69,7 +74,8 @@ class DistillDataModule(pl.LightningDataModule):
         epoch = self.stream.epoch if self.stream is not None else 0
         self.stream = ExampleStream(self.examples, self.batch_size, self.seed, self.shuffle, rank, world)
         self.stream.set_epoch(epoch)
-        collate = TrainCollator(self.train, self.model, self.layout, self.signal)
+        collate = TrainCollator(self.train, self.model, self.layout, self.signal, self.generated,
+                                self.generated_per_batch, self.seed)  # fmt: skip
         return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=False, pin_memory=False)  # fmt: skip
 

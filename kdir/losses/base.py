@@ -4,31 +4,42 @@ Layouts (``Candidates.layout``):
 
 * ``pairwise`` — ``[B, 1+n]``: row ``i`` = query ``i``'s positive (column 0) and its ``n`` negatives.
 * ``inbatch`` — ``[B, B·(1+n)]``: every document of the batch, positives first, so query ``i``'s
-  own positive is column ``i``; then the negatives grouped by query.
+  own positive is column ``i``; then the negatives grouped by query. Generated (unlabelled) queries,
+  when the batch has any, are extra rows over the same columns, with no positive (``-1``).
+
+A :class:`Loss` is a ``torch.nn.Module`` (most have no parameters; ``embed_match`` may learn a projection)
+whose ``forward`` restricts the batch to the rows it ``applies_to`` (``real``, ``generated`` or ``all``
+queries) and calls ``compute``. Losses that read the labelled positive (``uses_labels``) apply to real
+queries only: a generated query never receives a hard label.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from torch import Tensor
+from torch import Tensor, nn
 
 Layout = Literal["pairwise", "inbatch"]
+AppliesTo = Literal["real", "generated", "all"]
 
 
 @dataclass
 class Candidates:
-    """Scores of a batch in one layout.
+    """Scores (and embeddings) of a batch in one layout.
 
     Attributes:
         student: ``[B, C]`` student scores.
         teacher: ``[B, C]`` teacher scores, or ``None`` without a teacher.
-        positive: ``[B]`` column of each query's labelled positive.
+        positive: ``[B]`` column of each query's labelled positive (``-1`` for generated queries).
         mask: ``[B, C]`` bool, ``True`` where a candidate takes part (teacher score known, not padding).
         false_negative: ``[B, C]`` bool, ``True`` where a candidate is another labelled positive of the
             query (hard-label losses must not push it down).
         layout: ``pairwise`` or ``inbatch``.
+        generated: ``[B]`` bool, ``True`` for generated (unlabelled) queries; ``None``: all real.
+        embeddings: ``{"query": (student [B, d_s], teacher [B, d_t]), "doc": (student, teacher)}``: the
+            queries' embeddings and those of each query's own positive document (``doc`` rows of generated
+            queries are undefined), for embedding matching; ``{}`` when no loss needs them.
     """
 
     student: Tensor
@@ -37,26 +48,74 @@ class Candidates:
     mask: Tensor
     false_negative: Tensor
     layout: Layout
+    generated: Tensor | None = None
+    embeddings: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.student.shape[0]
+
+    def rows(self, applies_to: AppliesTo) -> Tensor | None:
+        """``[B]`` bool selection of the rows of ``applies_to`` queries (``None``: every row)."""
+        if applies_to == "all" or self.generated is None or (applies_to == "real" and not self.generated.any()):
+            return None
+        return ~self.generated if applies_to == "real" else self.generated.clone()
+
+    def select(self, rows: Tensor) -> Candidates:
+        """The candidates of the selected rows (the columns stay: in-batch documents are shared)."""
+        opt = lambda t: None if t is None else t[rows]  # noqa: E731
+        return replace(self, student=self.student[rows], teacher=opt(self.teacher), positive=self.positive[rows],
+                       mask=self.mask[rows], false_negative=self.false_negative[rows], generated=opt(self.generated),
+                       embeddings={k: (s[rows], t[rows]) for k, (s, t) in self.embeddings.items()})  # fmt: skip
 
 
-class Loss:
+class Loss(nn.Module):
     """A loss term: a pure function of :class:`Candidates` plus the metadata the trainer needs.
 
-    Subclasses set ``name`` (logged as ``train/loss/<name>``), ``uses_teacher`` and a default
-    ``layout``, and implement ``__call__``.
+    Subclasses set ``name`` (logged as ``train/loss/<name>``), ``uses_teacher``, ``uses_labels`` (reads the
+    labelled positive), ``uses_embeddings``, the supported ``layouts``, and implement :meth:`compute`.
+
+    Args:
+        layout: the candidate layout the batch is built in.
+        weight: multiplies the term (in a :class:`~kdir.losses.composite.Composite` sum, and alone).
+        applies_to: ``real``, ``generated`` or ``all`` queries (default: ``real`` if the loss reads labels,
+            else ``all``). A loss that reads labels cannot apply to generated queries.
     """
 
     name: str = "loss"
     uses_teacher: bool = False
+    uses_labels: bool = False
+    uses_embeddings: bool = False
     layouts: tuple[Layout, ...] = ("pairwise", "inbatch")
 
-    def __init__(self, layout: Layout):
+    def __init__(self, layout: Layout, weight: float = 1.0, applies_to: AppliesTo | None = None):
+        super().__init__()
         if layout not in self.layouts:
             raise ValueError(f"loss {self.name!r} supports layouts {self.layouts}, got {layout!r}")
-        self.layout = layout
+        applies_to = applies_to or ("real" if self.uses_labels else "all")
+        if applies_to not in ("real", "generated", "all"):
+            raise ValueError(f"applies_to must be real, generated or all, got {applies_to!r}")
+        if self.uses_labels and applies_to != "real":
+            raise ValueError(f"loss {self.name!r} reads hard labels: it applies to real queries only "
+                             f"(generated queries have none), got applies_to={applies_to!r}")  # fmt: skip
+        self.layout, self.weight, self.applies_to = layout, float(weight), applies_to
 
-    def __call__(self, c: Candidates) -> Tensor:  # pragma: no cover - interface
+    def compute(self, c: Candidates) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+    def forward(self, c: Candidates) -> Tensor:
+        """``weight ×`` the term over the rows it applies to (0, still in the graph, if there are none)."""
+        rows = c.rows(self.applies_to)
+        if rows is not None:
+            if not rows.any():
+                return c.student.sum() * 0.0
+            c = c.select(rows)
+        return self.weight * self.compute(c)
+
+    def terms(self, c: Candidates) -> dict[str, Tensor]:
+        """The weighted value of each term, by name (one term unless a composite)."""
+        return {self.name: self(c)}
+
+    def extra_repr(self) -> str:
+        skip = {"training"}
+        return ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k not in skip)
+

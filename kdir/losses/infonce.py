@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdir.losses.base import Candidates, Layout, Loss
+from kdir.losses.base import AppliesTo, Candidates, Layout, Loss
 
 
 def infonce(scores: Tensor, positive: Tensor, mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:
@@ -34,10 +34,12 @@ class InfoNCE(Loss):
     """
 
     name = "infonce"
+    uses_labels = True
 
-    def __init__(self, layout: Layout = "inbatch", temperature: float = 1.0):
-        super().__init__(layout)
+    def __init__(self, layout: Layout = "inbatch", temperature: float = 1.0, weight: float = 1.0,
+                 applies_to: AppliesTo | None = None):  # fmt: skip
+        super().__init__(layout, weight, applies_to)
         self.temperature = temperature
 
-    def __call__(self, c: Candidates) -> Tensor:
+    def compute(self, c: Candidates) -> Tensor:
         return infonce(c.student, c.positive, ~c.false_negative, self.temperature)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kdir.losses.base import Candidates, Loss
+from kdir.losses.base import AppliesTo, Candidates, Loss
 
 
 def margin_mse(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -34,12 +34,13 @@ class MarginMSE(Loss):
 
     name = "margin_mse"
     uses_teacher = True
+    uses_labels = True  # margins are taken from the labelled positive: real queries only
     layouts = ("pairwise",)
 
-    def __init__(self, layout: str = "pairwise"):
-        super().__init__(layout)
+    def __init__(self, layout: str = "pairwise", weight: float = 1.0, applies_to: AppliesTo | None = None):
+        super().__init__(layout, weight, applies_to)
 
-    def __call__(self, c: Candidates) -> Tensor:
+    def compute(self, c: Candidates) -> Tensor:
         if c.teacher is None:
             raise ValueError("margin_mse needs teacher scores: set teacher=... (e.g. teacher=scores)")
         return margin_mse(c.student, c.teacher, c.mask)

@@ -1,8 +1,9 @@
-"""Persistent stores: teacher scores keyed by stable (query id, document id) hashes."""
+"""Persistent stores: teacher scores keyed by (query id, document id) hashes; query expansions keyed by query id."""
 
 from __future__ import annotations
 
+from kdir.stores.expansion_store import ExpansionStore
 from kdir.stores.keys import id_hashes, pair_keys, pair_keys_from_ids
 from kdir.stores.score_store import ScoreStore
 
-__all__ = ["ScoreStore", "id_hashes", "pair_keys", "pair_keys_from_ids"]
+__all__ = ["ExpansionStore", "ScoreStore", "id_hashes", "pair_keys", "pair_keys_from_ids"]

@@ -31,24 +31,39 @@ CONFIG_NAME = "kdir_student.json"
 class TextFormatter:
     """Turns raw texts of one side into model inputs: optional text prefix, truncation, padding.
 
+    With ``mask_padding`` (TCT-ColBERT's queries, pyserini's ``"[CLS] [Q] " + q + "[MASK]" * 36``), every text
+    is exactly ``max_length`` tokens: the final ``[SEP]`` and the padding become attended ``[MASK]`` tokens.
     Light and picklable, so dataloader workers carry it instead of the model.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, prefix: str = ""):
-        self.tokenizer, self.max_length, self.prefix = tokenizer, max_length, prefix
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, prefix: str = "",
+                 mask_padding: bool = False):  # fmt: skip
+        if mask_padding and tokenizer.mask_token_id is None:
+            raise ValueError("mask_padding needs a tokenizer with a [MASK] token")
+        self.tokenizer, self.max_length, self.prefix, self.mask_padding = tokenizer, max_length, prefix, mask_padding
 
     def __call__(self, texts: Sequence[str]) -> dict[str, Tensor]:
         if self.prefix:
             texts = [self.prefix + t for t in texts]
-        enc = self.tokenizer(
-            list(texts), max_length=self.max_length, truncation=True, padding=True, return_tensors="pt"
-        )
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        enc = self.tokenizer(list(texts), max_length=self.max_length, truncation=True, return_tensors="pt",
+                             padding="max_length" if self.mask_padding else True)  # fmt: skip
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if self.mask_padding:
+            filler = (mask == 0) | (ids == self.tokenizer.sep_token_id)
+            ids, mask = ids.masked_fill(filler, self.tokenizer.mask_token_id), torch.ones_like(mask)
+        return {"input_ids": ids, "attention_mask": mask}
 
 
 # Weights are loaded in fp32 whatever dtype they were saved in (transformers >= 5 keeps the saved dtype by
 # default, and fp16/bf16 parameters would silently train in half precision): mixed precision is the trainer's job.
 FP32 = {"dtype": torch.float32} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": torch.float32}
+
+
+def _fast_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if not tokenizer.is_fast:
+        raise ValueError(f"{name_or_path}: kdir needs a fast tokenizer")
+    return tokenizer
 
 
 def _load_backbone(name_or_path: str | Path) -> nn.Module:
@@ -78,6 +93,10 @@ class DualEncoder(nn.Module):
         similarity: ``dot`` (raw inner product) or ``cosine`` (L2-normalised embeddings, inner product).
         query_max_length / doc_max_length: truncation lengths in tokens.
         query_prefix / doc_prefix: text markers prepended before tokenisation (e.g. ``"[Q] "``).
+        query_mask_padding: pad queries with attended ``[MASK]`` tokens to ``query_max_length`` (TCT-ColBERT).
+        freeze_doc_encoder: keep the document tower (and its tokenizer) exactly as loaded: no gradients, always
+            in eval mode (EmbedDistill's asymmetric student inherits the teacher's document tower); the query
+            tower is then projected to the document tower's size when the two differ.
         tokenizer_name_or_path: tokenizer source if not the model folder.
     """
 
@@ -94,6 +113,8 @@ class DualEncoder(nn.Module):
         doc_max_length: int = 256,
         query_prefix: str = "",
         doc_prefix: str = "",
+        query_mask_padding: bool = False,
+        freeze_doc_encoder: bool = False,
         tokenizer_name_or_path: str | Path | None = None,
     ):
         super().__init__()
@@ -108,22 +129,45 @@ class DualEncoder(nn.Module):
         self.config = dict(
             pooling=pooling, skip_tokens=skip_tokens, shared=shared, projection_dim=projection_dim,
             similarity=similarity, query_max_length=query_max_length, doc_max_length=doc_max_length,
-            query_prefix=query_prefix, doc_prefix=doc_prefix,
+            query_prefix=query_prefix, doc_prefix=doc_prefix, query_mask_padding=query_mask_padding,
+            freeze_doc_encoder=freeze_doc_encoder,
         )  # fmt: skip
+        if freeze_doc_encoder and shared:
+            raise ValueError("freeze_doc_encoder needs separate towers (shared=false)")
         self.query_encoder = _load_backbone(model_name_or_path)
         self.doc_encoder = self.query_encoder if shared else _load_backbone(doc_path or model_name_or_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_name_or_path or model_name_or_path))
-        if not self.tokenizer.is_fast:
-            raise ValueError(f"{tokenizer_name_or_path or model_name_or_path}: kdir needs a fast tokenizer")
-        hidden = self.query_encoder.config.hidden_size
-        self.query_projection = nn.Linear(hidden, projection_dim) if projection_dim else None
-        self.doc_projection = (
-            self.query_projection if shared or not projection_dim else nn.Linear(hidden, projection_dim)
-        )
-        if projection_dim and (path / "projection.safetensors").is_file():
+        self.tokenizer = _fast_tokenizer(tokenizer_name_or_path or model_name_or_path)
+        doc_tokenizer = self.tokenizer
+        if freeze_doc_encoder and doc_path is not None:  # the inherited tower keeps its own vocabulary
+            doc_tokenizer = _fast_tokenizer(doc_path)
+        hidden, doc_hidden = self.query_encoder.config.hidden_size, self.doc_encoder.config.hidden_size
+        if freeze_doc_encoder:  # only the query side is projected, onto the frozen tower's space
+            out = doc_hidden if projection_dim is None else projection_dim
+            if projection_dim is not None and projection_dim != doc_hidden:
+                raise ValueError(f"projection_dim={projection_dim} must equal the frozen document tower's size "
+                                 f"{doc_hidden}")  # fmt: skip
+            self.query_projection = nn.Linear(hidden, out) if out != hidden or projection_dim else None
+            self.doc_projection = None
+            self.config["projection_dim"] = out if self.query_projection is not None else None
+        else:
+            self.query_projection = nn.Linear(hidden, projection_dim) if projection_dim else None
+            self.doc_projection = (
+                self.query_projection if shared or not projection_dim else nn.Linear(doc_hidden, projection_dim)
+            )
+        if self.query_projection is not None and (path / "projection.safetensors").is_file():
             self._load_projection(path / "projection.safetensors")
-        self.query_formatter = TextFormatter(self.tokenizer, query_max_length, query_prefix)
-        self.doc_formatter = TextFormatter(self.tokenizer, doc_max_length, doc_prefix)
+        self.query_formatter = TextFormatter(self.tokenizer, query_max_length, query_prefix, query_mask_padding)
+        self.doc_formatter = TextFormatter(doc_tokenizer, doc_max_length, doc_prefix)
+        if freeze_doc_encoder:
+            self.doc_encoder.requires_grad_(False)
+            self.doc_encoder.eval()
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        """As ``nn.Module.train``, but a frozen document tower stays in eval mode (no dropout)."""
+        super().train(mode)
+        if self.config.get("freeze_doc_encoder"):
+            self.doc_encoder.eval()
+        return self
 
     @property
     def dim(self) -> int:
@@ -170,11 +214,22 @@ class DualEncoder(nn.Module):
         return {"query": self.query_formatter(queries), "doc": self.doc_formatter(docs),
                 "candidates": torch.as_tensor(np.asarray(candidates), dtype=torch.long)}  # fmt: skip
 
+    def embed(self, inputs: dict) -> tuple[Tensor, Tensor]:
+        """Embeddings of a prepared batch: queries ``[B, dim]`` and its distinct documents ``[D, dim]``."""
+        return self.encode(inputs["query"], "query"), self.encode(inputs["doc"], "doc")
+
     def forward(self, inputs: dict) -> Tensor:
         """Scores ``[B, C]`` of the prepared batch: every document encoded once, full matrix, then gathered."""
-        q = self.encode(inputs["query"], "query")  # [B, dim]
-        d = self.encode(inputs["doc"], "doc")  # [D, dim]
+        q, d = self.embed(inputs)
         return self.score(q, d).float().gather(1, inputs["candidates"])  # [B, C]
+
+    def outputs(self, inputs: dict, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Scores ``[B, C]``, query embeddings ``[B, dim]`` and each query's ``positive``-column document's
+        embedding ``[B, dim]`` (rows with ``positive < 0`` take column 0: undefined for embedding matching)."""
+        q, d = self.embed(inputs)
+        cand = inputs["candidates"]
+        own = cand.gather(1, positive.clamp(min=0).to(cand.device)[:, None])[:, 0]
+        return self.score(q, d).float().gather(1, cand), q, d[own]
 
     @torch.inference_mode()
     def encode_texts(
@@ -216,9 +271,11 @@ class DualEncoder(nn.Module):
         self.tokenizer.save_pretrained(path)
         if not self.config["shared"]:
             self.doc_encoder.save_pretrained(path / "doc")
+            self.doc_formatter.tokenizer.save_pretrained(path / "doc")
         if self.query_projection is not None:
             tensors = {f"query.{k}": v for k, v in self.query_projection.state_dict().items()}
-            tensors |= {f"doc.{k}": v for k, v in self.doc_projection.state_dict().items()}
+            if self.doc_projection is not None:
+                tensors |= {f"doc.{k}": v for k, v in self.doc_projection.state_dict().items()}
             save_file({k: v.contiguous() for k, v in tensors.items()}, path / "projection.safetensors")
         (path / CONFIG_NAME).write_text(json.dumps(self.config, indent=2))
         return path
@@ -226,7 +283,8 @@ class DualEncoder(nn.Module):
     def _load_projection(self, file: Path) -> None:
         tensors = load_file(file)
         self.query_projection.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("query.")})
-        self.doc_projection.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("doc.")})
+        if self.doc_projection is not None:
+            self.doc_projection.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("doc.")})
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> DualEncoder:

@@ -34,6 +34,14 @@ class BiEncoder(Teacher):
         """``[B, C]`` fp32 scores: the full query × document matrix, gathered at the candidates."""
         return self.model(to_device(inputs, self.device))
 
+    def embed(self, inputs: dict) -> tuple[Tensor, Tensor]:
+        """Query embeddings ``[B, dim]`` and document embeddings ``[D, dim]`` of a prepared batch."""
+        return self.model.embed(to_device(inputs, self.device))
+
+    def outputs(self, inputs: dict, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Scores ``[B, C]``, query embeddings and each query's ``positive``-column document embedding."""
+        return self.model.outputs(to_device(inputs, self.device), positive)
+
     def embed_queries(self, texts: Sequence[str], **kw) -> Tensor:
         """``[N, dim]`` fp32 CPU query embeddings (see :meth:`DualEncoder.encode_texts` for ``kw``)."""
         return self.model.encode_queries(texts, **kw)

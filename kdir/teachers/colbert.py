@@ -81,13 +81,39 @@ def _published_state(path: str | Path) -> dict[str, Tensor] | None:
     return None
 
 
+class ColBERTFormatter:
+    """ColBERT's input format of one side (picklable: dataloader workers carry it instead of the model).
+
+    ``[CLS] marker text [SEP]``; queries are ``[MASK]``-padded to exactly ``max_length`` (attended unless
+    ``attend_to_mask_tokens=False``), documents truncated to ``max_length`` and padded to the batch's longest.
+    """
+
+    def __init__(self, tokenizer, side: Side, marker_id: int, max_length: int, attend_to_mask_tokens: bool = True):
+        self.tokenizer, self.side, self.marker_id, self.max_length = tokenizer, side, marker_id, max_length
+        self.attend_to_mask_tokens = attend_to_mask_tokens
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        is_query = self.side == "query"
+        enc = self.tokenizer(list(texts), max_length=self.max_length - 1, truncation=True, return_tensors="pt",
+                             padding="max_length" if is_query else True)  # fmt: skip
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        marker = torch.full_like(ids[:, :1], self.marker_id)
+        ids = torch.cat([ids[:, :1], marker, ids[:, 1:]], 1)
+        mask = torch.cat([mask[:, :1], mask[:, :1], mask[:, 1:]], 1)
+        if is_query:  # query augmentation: padding becomes [MASK]
+            ids = ids.masked_fill(mask == 0, self.tokenizer.mask_token_id)
+            if self.attend_to_mask_tokens:
+                mask = torch.ones_like(mask)
+        return {"input_ids": ids, "attention_mask": mask}
+
+
 class ColBERT(Teacher):
     """A ColBERT teacher: token embeddings and MaxSim.
 
     Args:
         model_name_or_path: a kdir ColBERT folder, a published ColBERT checkpoint (``bert.*`` + ``linear.weight``),
             or a plain encoder (the linear map is then newly initialised).
-        dim: token embedding size (a published checkpoint's ``linear.weight`` decides it).
+        dim: token embedding size of a new linear map (a saved one, kdir or published, decides it, and its bias).
         similarity: ``cosine`` or ``l2``.
         query_max_length: queries are truncated or ``[MASK]``-padded to exactly this many tokens.
         doc_max_length: documents are truncated to this many tokens.
@@ -95,9 +121,13 @@ class ColBERT(Teacher):
         attend_to_mask_tokens: let the encoder attend to the query's ``[MASK]`` padding (ColBERTv2's reference
             code defaults to ``False``: they are then embedded but not attended to).
         query_marker / doc_marker: the tokens inserted after ``[CLS]``.
+        normalize_queries: L2-normalise query token embeddings (ColBERT); TCT-ColBERT's teacher leaves them
+            unnormalised (documents are always normalised).
+        bias: a bias in the linear map (TCT-ColBERT's teacher has one; ColBERT has none).
     """
 
     name = "colbert"
+    multi_vector = True  # a student of this kind is evaluated by MaxSim, not single-vector FAISS search
 
     def __init__(
         self,
@@ -110,6 +140,8 @@ class ColBERT(Teacher):
         attend_to_mask_tokens: bool = True,
         query_marker: str = "[unused0]",
         doc_marker: str = "[unused1]",
+        normalize_queries: bool = True,
+        bias: bool = False,
     ):
         super().__init__()
         if similarity not in ("cosine", "l2"):
@@ -142,37 +174,38 @@ class ColBERT(Teacher):
             dim = state["linear.weight"].shape[0]
         else:
             self.bert = _load_backbone(model_name_or_path)
-        self.linear = nn.Linear(self.bert.config.hidden_size, dim, bias=False)
+        saved = load_file(path / LINEAR_NAME) if state is None and (path / LINEAR_NAME).is_file() else None
+        if saved is not None:  # a kdir folder: its linear map decides the size and the bias
+            dim, bias = saved["weight"].shape[0], "bias" in saved
+        self.linear = nn.Linear(self.bert.config.hidden_size, dim, bias=bias)
         if state is not None:
             self.linear.weight.data.copy_(state["linear.weight"])
-        elif (path / LINEAR_NAME).is_file():
-            self.linear.load_state_dict(load_file(path / LINEAR_NAME))
+        elif saved is not None:
+            self.linear.load_state_dict(saved)
         self.config = dict(dim=dim, similarity=similarity, query_max_length=query_max_length,
                            doc_max_length=doc_max_length, mask_punctuation=mask_punctuation,
                            attend_to_mask_tokens=attend_to_mask_tokens, query_marker=query_marker,
-                           doc_marker=doc_marker)  # fmt: skip
+                           doc_marker=doc_marker, normalize_queries=normalize_queries, bias=bias)  # fmt: skip
+        self.query_formatter = ColBERTFormatter(self.tokenizer, "query", self.marker_ids["query"], query_max_length,
+                                                attend_to_mask_tokens)  # fmt: skip
+        self.doc_formatter = ColBERTFormatter(self.tokenizer, "doc", self.marker_ids["doc"], doc_max_length)
 
     def tokenize(self, texts: Sequence[str], side: Side) -> dict[str, Tensor]:
         """``[CLS] marker text [SEP]``; queries ``[MASK]``-padded to ``query_max_length``, documents truncated."""
-        is_query = side == "query"
-        max_length = self.config["query_max_length" if is_query else "doc_max_length"]
-        enc = self.tokenizer(list(texts), max_length=max_length - 1, truncation=True, return_tensors="pt",
-                             padding="max_length" if is_query else True)  # fmt: skip
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        marker = torch.full_like(ids[:, :1], self.marker_ids[side])
-        ids = torch.cat([ids[:, :1], marker, ids[:, 1:]], 1)
-        mask = torch.cat([mask[:, :1], mask[:, :1], mask[:, 1:]], 1)
-        if is_query:  # query augmentation: padding becomes [MASK]
-            ids = ids.masked_fill(mask == 0, self.tokenizer.mask_token_id)
-            if self.config["attend_to_mask_tokens"]:
-                mask = torch.ones_like(mask)
-        return {"input_ids": ids, "attention_mask": mask}
+        return self.formatter(side)(texts)
+
+    def formatter(self, side: Side) -> ColBERTFormatter:
+        return self.query_formatter if side == "query" else self.doc_formatter
 
     def encode(self, inputs: dict[str, Tensor], side: Side) -> tuple[Tensor, Tensor]:
-        """Unit-norm token embeddings ``[N, L, dim]`` and the MaxSim mask ``[N, L]`` (bool) of one side."""
+        """Token embeddings ``[N, L, dim]`` and the MaxSim mask ``[N, L]`` (bool) of one side.
+
+        Embeddings are unit-norm, except query tokens with ``normalize_queries=False``.
+        """
         ids, attention = inputs["input_ids"], inputs["attention_mask"]
         emb = self.linear(self.bert(input_ids=ids, attention_mask=attention).last_hidden_state)
-        emb = nn.functional.normalize(emb, dim=-1)
+        if side == "doc" or self.config["normalize_queries"]:
+            emb = nn.functional.normalize(emb, dim=-1)
         if side == "query":  # every query position takes part, [MASK] padding included
             return emb, torch.ones_like(ids, dtype=torch.bool)
         return emb, attention.bool() & ~torch.isin(ids, self.skip_ids)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -106,6 +107,17 @@ class CrossEncoder(Teacher):
             pooled.append((hidden * m).sum(1) / m.sum(1).clamp(min=1.0))
         shape = (*inputs["candidates"].shape, hidden.shape[-1])
         return pooled[0].view(shape), pooled[1].view(shape)
+
+    def outputs(self, inputs: dict[str, Tensor], positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Dual pooling: scores ``[B, C]`` and the pair embeddings ``e_q``, ``e_d`` ``[B, H]`` of each query with its
+        ``positive``-column document (EmbedDistill's CE→DE matching on training pairs); a row without a positive
+        (``-1``: a generated query) takes its highest-scored candidate as the pair."""
+        e_q, e_d = self.embed_pairs(inputs)
+        scores = (e_q.float() * e_d.float()).sum(-1)
+        positive = positive.to(scores.device)
+        col = torch.where(positive >= 0, positive, scores.argmax(dim=1))
+        rows = torch.arange(len(col), device=col.device)
+        return scores, e_q[rows, col], e_d[rows, col]
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         """``[B, C]`` fp32 scores: the head's logit, or ``<e_q, e_d>`` with dual pooling."""

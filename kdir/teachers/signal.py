@@ -33,6 +33,15 @@ def teacher_meta(model: Teacher) -> dict:
     return {"name": type(model).__name__, "config": getattr(model, "config", {}), "weights": model.weights_hash()}
 
 
+def force_positive_max(scores: Tensor, positive: Tensor) -> Tensor:
+    """``scores`` with each row's labelled-positive entry (column ``positive[i]``; ``-1`` = none) raised to the
+    row maximum (CollectiveKD, Kim et al. 2022, §3: T̃(q_i, P_i) = max_d T(q_i, d))."""
+    rows = torch.nonzero(positive >= 0).squeeze(1)
+    out = scores.clone()
+    out[rows, positive[rows]] = scores[rows].nan_to_num(float("-inf")).max(dim=1).values
+    return out
+
+
 class TeacherSignal:
     """Teacher scores for each batch's candidates.
 
@@ -46,6 +55,8 @@ class TeacherSignal:
         force: accept a store whose recorded teacher differs from ``model``; in ``cached`` mode also
             accept missing pairs (they are masked out of the loss).
         flush_every: ``fill`` writes the newly computed pairs to the store in segments of this size.
+        force_positive_max: set the teacher score of each query's labelled positive to the maximum of its row
+            (CollectiveKD: the expanded teacher's drift cannot rank another passage above the gold one).
     """
 
     def __init__(
@@ -57,6 +68,7 @@ class TeacherSignal:
         import_format: str = "pairs",
         force: bool = False,
         flush_every: int = 50_000,
+        force_positive_max: bool = False,
     ):
         if mode not in ("cached", "online", "fill"):
             raise ValueError(f"teacher signal mode must be cached, online or fill; got {mode!r}")
@@ -65,6 +77,7 @@ class TeacherSignal:
         if mode in ("online", "fill") and model is None:
             raise ValueError(f"teacher signal mode {mode!r} needs a teacher model (teacher.model=...)")
         self.mode, self.model, self.force, self.flush_every = mode, model, force, flush_every
+        self.force_positive_max = force_positive_max
         self.store_path = Path(store) if store is not None else None
         self.import_file, self.import_format = import_file, import_format
         self.store: ScoreStore | None = None
@@ -125,10 +138,21 @@ class TeacherSignal:
         candidates: np.ndarray,
         query_texts: list[str],
         doc_texts: list[str],
+        n_generated: int = 0,
     ) -> dict:
-        """Batch entries for the teacher: ``queries [B]`` / ``docs [D]`` dataset codes, ``candidates [B, C]``."""
+        """Batch entries for the teacher: ``queries [B]`` / ``docs [D]`` dataset codes, ``candidates [B + G, C]``.
+
+        The last ``n_generated`` rows of ``candidates`` / ``query_texts`` are generated queries (no id, no
+        cached score: online teachers only).
+        """
         if self.mode == "online":
-            return {"teacher_inputs": self.model.prepare(query_texts, doc_texts, candidates)}
+            kw = {}
+            if getattr(self.model, "uses_query_keys", False):  # e.g. the collective teacher's expansions
+                kw["query_keys"] = np.concatenate([self.q_hash[queries], np.zeros(n_generated, dtype=np.uint64)])
+            return {"teacher_inputs": self.model.prepare(query_texts, doc_texts, candidates, **kw)}
+        if n_generated:
+            raise KdirError("generated queries have no cached teacher scores: use an online teacher "
+                            "(teacher.mode=online)")
         keys = pair_keys(self.q_hash[queries][:, None], self.d_hash[docs][candidates])  # [B, C]
         scores = self.store.lookup(keys)
         missing = np.isnan(scores)
@@ -158,6 +182,31 @@ class TeacherSignal:
     @torch.no_grad()
     def scores(self, batch: dict) -> Tensor:
         """``[B, C]`` fp32 teacher scores for a collated batch (runs the teacher for online / fill)."""
+        return self._labels(self._raw_scores(batch), batch)
+
+    @torch.no_grad()
+    def outputs(self, batch: dict, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher scores ``[B, C]``, query embeddings ``[B, d]`` and own-positive document embeddings ``[B, d]``."""
+        if self.mode != "online" or not hasattr(self.model, "outputs"):
+            raise KdirError(f"embedding matching needs an online teacher that embeds (a bi-encoder, or a "
+                            f"cross-encoder with dual_pooling), got {type(self.model).__name__} in mode {self.mode!r}")
+        scores, q, d = self.model.outputs(batch["teacher_inputs"], positive)
+        return self._labels(scores.float(), batch), q, d
+
+    @torch.no_grad()
+    def embed(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """Teacher embeddings of the batch's queries ``[B, d]`` and distinct documents ``[D, d]`` (bi-encoders)."""
+        if self.mode != "online" or not hasattr(self.model, "embed"):
+            raise KdirError(f"gathering candidates across devices needs an online bi-encoder teacher, got "
+                            f"{type(self.model).__name__} in mode {self.mode!r}")  # fmt: skip
+        return self.model.embed(batch["teacher_inputs"])
+
+    def _labels(self, scores: Tensor, batch: dict) -> Tensor:
+        if not self.force_positive_max:
+            return scores
+        return force_positive_max(scores, batch["positive"].to(scores.device))
+
+    def _raw_scores(self, batch: dict) -> Tensor:
         if self.mode == "online":
             return self.model(batch["teacher_inputs"]).float()
         scores = batch["teacher"].float()

@@ -1,0 +1,217 @@
+"""EmbedDistill query generation (Kim et al. 2023, arXiv 2301.12005, §3.5): ``python -m kdir.generate_queries``.
+
+``python -m kdir.generate_queries generator=<doc2query_t5|bart_infill> [generator.model=<name or folder>]
+data=<data config> out=<file.tsv>`` writes synthetic queries that cover more of the query manifold than
+the training queries do. Two modes (``generator.source``):
+
+* ``docs``: doc2query-style generation, passage → ``per_source`` sampled queries (T5);
+* ``queries``: masked-span infilling, a random word span of a real training query is replaced by the
+  tokenizer's mask token and a seq2seq denoiser (BART) fills it in, ``per_source`` maskings per query.
+
+Sources are drawn reproducibly (``n_sources``, ``seed``). With ``dedupe`` a generated text identical
+(case and whitespace aside) to another generated text or to a real training query is dropped: a generated
+query must not copy a labelled one. The output (:mod:`kdir.data.generated`, ids ``gen-<n>``) is
+unlabelled; ``<out>.meta.json`` records the generator, settings, counts and timings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import transformers
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+import kdir  # noqa: F401  (registers config resolvers)
+from kdir.data.dataset import IRDataset
+from kdir.data.generated import write_generated
+from kdir.errors import KdirError
+from kdir.utils import save_json
+
+log = logging.getLogger("kdir.generate_queries")
+
+SOURCES = ("docs", "queries")
+# Weights are loaded in fp32 whatever dtype they were saved in.
+FP32 = {"dtype": torch.float32} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": torch.float32}
+
+
+def normalise(text: str) -> str:
+    """The form under which two queries count as identical: lower-cased, whitespace collapsed."""
+    return " ".join(text.lower().split())
+
+
+def dedupe(texts: Sequence[str], real_queries: Iterable[str]) -> tuple[list[int], Counter]:
+    """Indices of ``texts`` to keep: the first of each distinct text that is not a copy of a real query.
+
+    Returns ``(kept, dropped)`` where ``dropped`` counts ``copies_of_real`` and ``duplicates``.
+    """
+    real = {normalise(q) for q in real_queries}
+    seen: set[str] = set()
+    kept: list[int] = []
+    dropped: Counter = Counter(copies_of_real=0, duplicates=0)
+    for i, text in enumerate(texts):
+        key = normalise(text)
+        if key in real:
+            dropped["copies_of_real"] += 1
+        elif key in seen:
+            dropped["duplicates"] += 1
+        else:
+            seen.add(key)
+            kept.append(i)
+    return kept, dropped
+
+
+def mask_span(text: str, mask_token: str, rng: np.random.Generator, max_span: int = 3) -> str:
+    """Replace a random span of ``1..min(max_span, n_words - 1)`` words of ``text`` by one ``mask_token``.
+
+    At least one word is kept when the text has two or more; a one-word text becomes the mask alone.
+    """
+    words = text.split()
+    if len(words) <= 1:
+        return mask_token
+    span = int(rng.integers(1, max(1, min(max_span, len(words) - 1)) + 1))
+    start = int(rng.integers(0, len(words) - span + 1))
+    return " ".join(words[:start] + [mask_token] + words[start + span :])
+
+
+def pick_sources(dataset: IRDataset, source: str, n: int | None, seed: int) -> tuple[list[str], list[str]]:
+    """``(ids, texts)`` of ``n`` documents (``source=docs``) or training queries (``queries``), drawn with ``seed``.
+
+    ``n=None`` (or more than there are) takes them all; the draw keeps the store's order.
+    """
+    if source not in SOURCES:
+        raise KdirError(f"generator.source must be one of {SOURCES}, got {source!r}")
+    store = dataset.corpus if source == "docs" else dataset.queries
+    if n is not None and n < 1:
+        raise KdirError(f"n_sources must be a positive number or null, got {n}")
+    if n is None or n >= len(store):
+        if n is not None and n > len(store):
+            log.warning("n_sources=%d but %s has %d %s: taking them all", n, dataset.name, len(store), source)
+        rows = np.arange(len(store))
+    else:
+        rows = np.sort(np.random.default_rng(seed).choice(len(store), size=n, replace=False))
+    return [store.ids[i] for i in rows], [store.texts[i] for i in rows]
+
+
+@torch.inference_mode()
+def generate_texts(
+    model,
+    tokenizer,
+    inputs: Sequence[str],
+    per_input: int = 1,
+    batch_size: int = 32,
+    max_source_length: int = 256,
+    generation: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> list[list[str]]:
+    """``per_input`` generated texts (whitespace collapsed, possibly empty) for each input text, batched."""
+    generation = {k: v for k, v in (generation or {}).items() if v is not None}
+    out: list[list[str]] = []
+    for b in tqdm(range(0, len(inputs), batch_size), desc="generate", unit="batch"):
+        batch = list(inputs[b : b + batch_size])
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_source_length, return_tensors="pt")
+        ids = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                             num_return_sequences=per_input, **generation)  # fmt: skip
+        texts = [" ".join(t.split()) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        out += [texts[i * per_input : (i + 1) * per_input] for i in range(len(batch))]
+    return out
+
+
+def generate_queries(cfg: DictConfig) -> dict[str, Any]:
+    """Run the stage; returns the ``<out>.meta.json`` content."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    gen = cfg.generator
+    if gen.source not in SOURCES:
+        raise KdirError(f"generator.source must be one of {SOURCES}, got {gen.source!r}")
+    per_source = gen.per_source
+    if per_source < 1 or cfg.batch_size < 1:
+        raise KdirError(f"generator.per_source and batch_size must be >= 1, got {per_source} and {cfg.batch_size}")
+    out = Path(cfg.out)
+    OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml", resolve=True)
+    dataset: IRDataset = instantiate(cfg.data.train)
+    src_ids, src_texts = pick_sources(dataset, gen.source, cfg.n_sources, cfg.seed)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(gen.model))
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(gen.model), **FP32).to(device).eval()
+    load_seconds = time.perf_counter() - start
+
+    if gen.source == "queries":
+        if tokenizer.mask_token is None:
+            raise KdirError(f"generator.source=queries needs a tokenizer with a mask token; {gen.model} has none")
+        rng = np.random.default_rng(cfg.seed)
+        max_span = OmegaConf.select(gen, "mask.max_span", default=3)
+        inputs = [mask_span(t, tokenizer.mask_token, rng, max_span) for t in src_texts for _ in range(per_source)]
+        per_input = 1  # a fresh masking per generated query
+    else:
+        inputs, per_input = src_texts, per_source
+    log.info("generating %d queries from %d %s of %s with %s on %s", len(src_ids) * per_source, len(src_ids),
+             gen.source, dataset.name, gen.model, device)  # fmt: skip
+
+    transformers.set_seed(cfg.seed)
+    start = time.perf_counter()
+    generation = OmegaConf.to_container(gen.generation, resolve=True) if gen.get("generation") else {}
+    outputs = generate_texts(model, tokenizer, inputs, per_input, cfg.batch_size, gen.max_source_length, generation,
+                             device)  # fmt: skip
+    gen_seconds = time.perf_counter() - start
+
+    texts = [t for group in outputs for t in group]
+    sources = [src_ids[i // per_source] for i in range(len(texts))]  # each source yields per_source texts
+    nonempty = [i for i, t in enumerate(texts) if t]
+    texts, sources = [texts[i] for i in nonempty], [sources[i] for i in nonempty]
+    n_generated = len(src_ids) * per_source
+    dropped = Counter(empty=n_generated - len(texts), copies_of_real=0, duplicates=0)
+    if cfg.dedupe:
+        kept, removed = dedupe(texts, dataset.queries.texts)
+        dropped.update(removed)
+        texts, sources = [texts[i] for i in kept], [sources[i] for i in kept]
+    if not texts:
+        raise KdirError(f"{gen.model} generated no usable query ({dict(dropped)} dropped)")
+    write_generated(out, [f"gen-{n}" for n in range(len(texts))], texts, sources)
+    meta = {
+        "generator": str(gen.model),
+        "source": str(gen.source),
+        "data": dataset.name,
+        "settings": {
+            "generator": OmegaConf.to_container(gen, resolve=True),
+            "n_sources": cfg.n_sources,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+            "dedupe": cfg.dedupe,
+            "device": device,
+        },
+        "counts": {
+            "sources": len(src_ids),
+            "generated": n_generated,
+            "dropped": dict(dropped),
+            "written": len(texts),
+        },
+        "seconds": {"load": load_seconds, "generate": gen_seconds},
+    }
+    save_json(meta, Path(f"{out}.meta.json"))
+    log.info("wrote %d generated queries to %s (dropped: %s)", len(texts), out, dict(dropped))
+    print(f"generated queries: {out} ({len(texts)} written)")
+    return meta
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="generate_queries")
+def main(cfg: DictConfig) -> None:
+    try:
+        generate_queries(cfg)
+    except (KdirError, OSError, ValueError, KeyError) as e:
+        log.error("%s: %s", type(e).__name__, e)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

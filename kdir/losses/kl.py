@@ -1,0 +1,60 @@
+"""Listwise KL distillation with separate teacher and student temperatures.
+
+TCT-ColBERT (Lin, Yang & Lin 2021, "In-Batch Negatives for Knowledge Distillation with Tightly-Coupled
+Teachers for Dense Retrieval", https://arxiv.org/abs/2010.11386) and CollectiveKD (Kim, Kim & Hwang 2022,
+"Collective Relevance Labeling for Passage Retrieval", https://arxiv.org/abs/2205.03273) both use
+τ_teacher = 0.25 on the teacher only and raw student logits (τ_student = 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdir.losses.base import AppliesTo, Candidates, Layout, Loss
+
+
+def kl_divergence(student: Tensor, teacher: Tensor, mask: Tensor | None = None, tau_teacher: float = 0.25,
+                  tau_student: float = 1.0) -> Tensor:  # fmt: skip
+    """``mean_i Σ_c P_t(c|i) [log P_t(c|i) − log P_s(c|i)]`` = KL(teacher ‖ student), in fp32.
+
+    ``P_t = softmax(t / τ_teacher)`` and ``P_s = softmax(s / τ_student)`` over the unmasked candidates of a row.
+
+    Args:
+        student / teacher: ``[B, C]`` scores.
+        mask: optional ``[B, C]`` bool; masked candidates leave both softmaxes (rows need one unmasked entry).
+    """
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(f"kl expects [B, C] student and teacher scores, got {tuple(student.shape)} and "
+                         f"{tuple(teacher.shape)}")  # fmt: skip
+    s, t = student.float() / tau_student, teacher.float() / tau_teacher
+    if mask is not None:
+        s, t = s.masked_fill(~mask, float("-inf")), t.masked_fill(~mask, float("-inf"))
+    log_ps, log_pt = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    kl = log_pt.exp() * (log_pt - log_ps)
+    if mask is not None:
+        kl = torch.where(mask, kl, 0.0)
+    return kl.sum(-1).mean()
+
+
+class KLDistill(Loss):
+    """KL(teacher ‖ student) over each query's candidates: summed over candidates, averaged over queries.
+
+    Args:
+        tau_teacher: teacher temperature (0.25 in TCT-ColBERT and CollectiveKD).
+        tau_student: student temperature (1: raw logits, as both papers).
+    """
+
+    name = "kl"
+    uses_teacher = True
+
+    def __init__(self, layout: Layout = "inbatch", tau_teacher: float = 0.25, tau_student: float = 1.0,
+                 weight: float = 1.0, applies_to: AppliesTo | None = None):  # fmt: skip
+        super().__init__(layout, weight, applies_to)
+        self.tau_teacher, self.tau_student = tau_teacher, tau_student
+
+    def compute(self, c: Candidates) -> Tensor:
+        if c.teacher is None:
+            raise ValueError("kl needs teacher scores: choose a teacher (e.g. teacher=colbert)")
+        return kl_divergence(c.student, c.teacher, c.mask, self.tau_teacher, self.tau_student)

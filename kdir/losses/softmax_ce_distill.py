@@ -1,0 +1,48 @@
+"""Score distillation by softmax cross-entropy (EmbedDistill's L_score; Kim et al. 2023, "EmbedDistill: A
+Geometric Knowledge Distillation for Information Retrieval", https://arxiv.org/abs/2301.12005)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdir.losses.base import AppliesTo, Candidates, Layout, Loss
+
+
+def softmax_ce_distill(student: Tensor, teacher: Tensor, mask: Tensor | None = None, temperature: float = 1.0
+                       ) -> Tensor:  # fmt: skip
+    """``mean_i Σ_c −softmax(t_i / τ)_c · log softmax(s_i / τ)_c`` (one τ for both), in fp32.
+
+    Equals KL(teacher ‖ student) plus the teacher's entropy (a constant): same gradients, different value.
+    """
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(f"softmax_ce_distill expects [B, C] student and teacher scores, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")  # fmt: skip
+    s, t = student.float() / temperature, teacher.float() / temperature
+    if mask is not None:
+        s, t = s.masked_fill(~mask, float("-inf")), t.masked_fill(~mask, float("-inf"))
+    ce = -F.softmax(t, dim=-1) * F.log_softmax(s, dim=-1)
+    if mask is not None:
+        ce = torch.where(mask, ce, 0.0)
+    return ce.sum(-1).mean()
+
+
+class SoftmaxCEDistill(Loss):
+    """Cross-entropy between the teacher's and the student's softmax over each query's candidates.
+
+    Applies to generated queries too by default (it needs no label).
+    """
+
+    name = "softmax_ce_distill"
+    uses_teacher = True
+
+    def __init__(self, layout: Layout = "inbatch", temperature: float = 1.0, weight: float = 1.0,
+                 applies_to: AppliesTo | None = None):  # fmt: skip
+        super().__init__(layout, weight, applies_to)
+        self.temperature = temperature
+
+    def compute(self, c: Candidates) -> Tensor:
+        if c.teacher is None:
+            raise ValueError("softmax_ce_distill needs teacher scores: choose a teacher")
+        return softmax_ce_distill(c.student, c.teacher, c.mask, self.temperature)

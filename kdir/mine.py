@@ -1,0 +1,95 @@
+"""Hard-negative mining: ``python -m kdir.mine student=<option> data=<training data> [depth=200] [out=<run.trec>]``.
+
+Encode the training split's queries and the corpus with the student, search with FAISS (``index_factory``,
+exact inner product by default) and write each training query's top-``depth`` TREC run. Labelled positives
+are kept in the run (TCT-ColBERT's HN mining does not filter them); ``RunNegatives(exclude_positives=...)``
+decides at training time. Also scores the run on the training qrels (``R@depth``: how many labelled
+positives the student already ranks within the pool) and saves ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import kdir  # noqa: F401  (registers config resolvers)
+from kdir.data.dataset import IRDataset
+from kdir.errors import KdirError
+from kdir.evaluation import RetrievalEvaluator
+from kdir.metrics import Run, write_trec_run
+from kdir.utils import print_metrics, save_json
+
+log = logging.getLogger("kdir.mine")
+
+
+def load_student(cfg: DictConfig) -> torch.nn.Module:
+    """Instantiate ``cfg.student``; a folder or hub name that cannot be loaded is a :class:`KdirError`."""
+    path = str(cfg.student.get("path") or cfg.student.get("model_name_or_path"))
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        raise KdirError(f"{path}: no such student folder (expected an exported kdir student or an HF encoder)")
+    try:
+        return instantiate(cfg.student)
+    except Exception as e:  # Hydra wraps the loader's OSError / ValueError in an InstantiationException
+        cause = e.__cause__ or e
+        raise KdirError(f"cannot load the student from {path}: {type(cause).__name__}: {cause}") from None
+
+
+def positive_share(run: Run, dataset: IRDataset) -> float:
+    """Fraction of the run's candidates that are labelled positives (negatives too, unless excluded)."""
+    pos = dataset.positives()
+    total = sum(len(docs) for docs in run.values())
+    hits = sum(1 for qid, docs in run.items() for pid in docs if pid in pos.get(qid, ()))
+    return hits / total if total else 0.0
+
+
+def mine(cfg: DictConfig) -> dict[str, float]:
+    out_dir = Path(cfg.paths.output_dir)
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    if cfg.depth < 1:
+        raise KdirError(f"depth={cfg.depth}: expected a positive number of candidates per query")
+    dataset: IRDataset = instantiate(cfg.data.train)
+    metrics = list(dict.fromkeys([f"R@{cfg.depth}", *cfg.metrics]))
+    evaluator = RetrievalEvaluator(dataset, metrics=metrics, depth=cfg.depth, index_factory=cfg.index_factory,
+                                   use_gpu=cfg.use_gpu, batch_size=cfg.batch_size)  # fmt: skip
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = load_student(cfg).to(device)
+    if cfg.depth > len(dataset.corpus):
+        log.warning("depth=%d exceeds the corpus (%d documents): every document is kept", cfg.depth,
+                    len(dataset.corpus))  # fmt: skip
+    log.info("mining top-%d for %s: %d training queries, %d documents, device %s", cfg.depth, dataset.name,
+             len(dataset.queries), len(dataset.corpus), device)  # fmt: skip
+    start = time.perf_counter()
+    with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        scores, run = evaluator.evaluate(encoder, device=device)
+    seconds = time.perf_counter() - start
+    run_path = write_trec_run(run, cfg.out, tag=cfg.run_name)
+    share = positive_share(run, dataset)
+    save_json({"dataset": dataset.name, "depth": cfg.depth, "queries": len(run), "documents": len(dataset.corpus),
+               "run": str(run_path), "metrics": scores, "positive_share": share, "seconds": seconds},
+              out_dir / "metrics.json")  # fmt: skip
+    print_metrics({cfg.run_name: scores | {"positive share": share}},
+                  title=f"{dataset.name} training queries, top {cfg.depth} ({seconds:.1f} s)")  # fmt: skip
+    print(f"run: {run_path}\noutputs: {out_dir}")
+    return scores
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="mine")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = mine(cfg)
+    except (KdirError, FileNotFoundError, ValueError, KeyError) as e:
+        log.error("%s: %s", type(e).__name__, e)
+        print(f"kdir.mine: {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return metrics.get(f"R@{cfg.depth}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The collective teacher of CollectiveKD (Kim, Kim & Hwang, NAACL 2022, arXiv 2205.03273).
+
+A frozen ColBERT whose query is extended with the query's cached expansion vectors ("collective knowledge":
+ColBERT-PRF centroids of its top-ranked feedback passages, built by ``python -m kdir.expand``). Original query
+tokens (the ``[MASK]``-padded query) weigh 1, expansion vector ``e_k`` weighs ``w_k = β·idf``::
+
+    T(q, d) = Σ_i max_j −‖q_i − d_j‖²  +  Σ_k w_k · max_j −‖e_k − d_j‖²
+
+Queries absent from the store get zero weights, so their scores are the plain ColBERT scores (self-KD). Forcing
+the labelled positive to its row maximum is the teacher signal's job, not the model's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdir.errors import KdirError
+from kdir.stores.expansion_store import ExpansionStore
+from kdir.teachers.base import to_device
+from kdir.teachers.colbert import ColBERT, Similarity, maxsim
+
+log = logging.getLogger(__name__)
+
+
+def collective_maxsim(
+    q: Tensor,
+    q_mask: Tensor,
+    expansion: Tensor,
+    expansion_weights: Tensor,
+    d: Tensor,
+    d_mask: Tensor,
+    similarity: Similarity = "l2",
+) -> Tensor:
+    """``[Nq, Nd]`` weighted MaxSim of queries extended with expansion vectors.
+
+    Args:
+        q / q_mask: query token embeddings ``[Nq, Lq, dim]`` and their mask (weight 1 where ``True``).
+        expansion / expansion_weights: ``[Nq, k, dim]`` expansion vectors and their weights ``[Nq, k]``.
+        d / d_mask: document token embeddings ``[Nd, Ld, dim]`` and their bool mask.
+    """
+    tokens = torch.cat([q.float(), expansion.to(q.device, torch.float32)], dim=1)
+    weights = torch.cat([q_mask.float(), expansion_weights.to(q.device, torch.float32)], dim=1)
+    return maxsim(tokens, weights, d.float(), d_mask, similarity)
+
+
+class CollectiveColBERT(ColBERT):
+    """ColBERT scoring with per-query expansion vectors from an :class:`~kdir.stores.ExpansionStore`.
+
+    Args:
+        model_name_or_path / dim / ...: as :class:`~kdir.teachers.ColBERT` (``similarity`` defaults to ``l2``,
+            the paper's negative squared L2).
+        expansion: the expansion store folder written by ``python -m kdir.expand`` for this ColBERT.
+    """
+
+    name = "collective_colbert"
+    uses_query_keys = True  # the teacher signal passes the batch's query-id hashes to prepare()
+
+    def __init__(self, model_name_or_path: str | Path, expansion: str | Path, similarity: Similarity = "l2",
+                 **colbert_kwargs) -> None:  # fmt: skip
+        super().__init__(model_name_or_path, similarity=similarity, **colbert_kwargs)
+        self.expansion = ExpansionStore.open(expansion)
+        if self.expansion.dim != self.config["dim"]:
+            raise KdirError(f"{expansion}: expansion vectors have dim {self.expansion.dim}, but the ColBERT "
+                            f"{model_name_or_path} has dim {self.config['dim']}")  # fmt: skip
+        recorded = self.expansion.meta.get("teacher", {}).get("weights")
+        if recorded is not None and recorded != self.weights_hash():
+            log.warning("%s was built with other ColBERT weights (%s) than %s; CollectiveKD uses the same checkpoint "
+                        "for the expansion and the teacher", expansion, recorded[:12], model_name_or_path)  # fmt: skip
+        self.config["expansion"] = str(expansion)
+
+    def prepare(
+        self,
+        queries: Sequence[str],
+        docs: Sequence[str],
+        candidates: np.ndarray | Tensor,
+        query_keys: np.ndarray | None = None,
+    ) -> dict[str, Tensor]:
+        """ColBERT inputs plus ``query_expansion [B, k, dim]`` / ``query_expansion_weights [B, k]`` (CPU).
+
+        ``query_keys`` are the ``uint64 [B]`` xxh64 hashes of the query ids (:func:`kdir.stores.id_hashes`).
+        """
+        if query_keys is None:
+            raise KdirError(
+                "the collective ColBERT teacher needs the batch's query-id hashes (query_keys=id_hashes(qids)) to "
+                "look up their expansions; it serves the training batches of the teacher signal"
+            )
+        keys = np.asarray(query_keys)
+        if keys.shape != (len(queries),):
+            raise KdirError(f"query_keys must be [B={len(queries)}] uint64 hashes, got shape {keys.shape}")
+        vectors, weights = self.expansion.lookup(keys)
+        inputs = super().prepare(queries, docs, candidates)
+        inputs["query_expansion"], inputs["query_expansion_weights"] = (
+            torch.from_numpy(vectors),
+            torch.from_numpy(weights),
+        )
+        return inputs
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        """``[B, C]`` fp32 expanded-query scores of the candidates."""
+        inputs = to_device(inputs, self.device)
+        q, q_mask = self.encode(
+            {"input_ids": inputs["query_input_ids"], "attention_mask": inputs["query_attention_mask"]}, "query"
+        )
+        d, d_mask = self.encode(
+            {"input_ids": inputs["doc_input_ids"], "attention_mask": inputs["doc_attention_mask"]}, "doc"
+        )
+        scores = collective_maxsim(q, q_mask, inputs["query_expansion"], inputs["query_expansion_weights"], d, d_mask,
+                                   self.config["similarity"])  # fmt: skip
+        return scores.gather(1, inputs["candidates"])
+
+    @torch.no_grad()
+    def score(
+        self,
+        queries: Sequence[str],
+        docs: Sequence[str],
+        candidates: np.ndarray | Tensor,
+        query_keys: np.ndarray | None = None,
+    ) -> Tensor:
+        """Eval-mode scores ``[B, C]`` (fp32, CPU); ``query_keys`` as in :meth:`prepare`."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(self.prepare(queries, docs, candidates, query_keys=query_keys)).float().cpu()
+        finally:
+            self.train(was_training)
