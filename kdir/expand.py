@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -44,6 +45,7 @@ from kdir.data.readers import read_trec_run, top_ranked
 from kdir.errors import KdirError
 from kdir.metrics import Run, run_from_topk, write_trec_run
 from kdir.stores import ExpansionStore, id_hashes
+from kdir.stores.expansion_store import check_writable
 from kdir.teachers.base import to_device
 from kdir.teachers.colbert import ColBERT, maxsim
 
@@ -69,8 +71,9 @@ class TokenPool:
 
     def doc_rows(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(rows, lengths)``: the pool rows of ``docs``' tokens concatenated in order, and each doc's length."""
-        starts, ends = self.offsets[docs], self.offsets[np.asarray(docs) + 1]
-        lengths = ends - starts
+        docs = np.asarray(docs, dtype=np.int64)
+        starts = self.offsets[docs]
+        lengths = self.offsets[docs + 1] - starts
         within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         return np.repeat(starts, lengths) + within, lengths
 
@@ -140,26 +143,42 @@ def inverse_document_frequency(df: np.ndarray, n_docs: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def teacher_ranking(model: ColBERT, queries: Sequence[str], corpus: CorpusTokens, depth: int, batch_size: int = 64,
-                    doc_chunk: int = 1024, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Exhaustive MaxSim top-``depth``: ``(scores float32 [Q, k], doc rows int64 [Q, k])``, best first."""
+def teacher_ranking(
+    model: ColBERT,
+    queries: Sequence[str],
+    corpus: CorpusTokens,
+    depth: int,
+    batch_size: int = 64,
+    doc_chunk: int = 1024,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exhaustive MaxSim top-``depth``: ``(scores float32 [Q, k], doc rows int64 [Q, k])``, best first.
+
+    The corpus embeddings move to the model's device once (fp16) and are scored in chunks of ``doc_chunk``.
+    """
     model.eval()
-    k, dev = min(depth, len(corpus)), model.device
+    k, dev, similarity = min(depth, len(corpus)), model.device, model.config["similarity"]
+    d_emb, d_mask = corpus.embeddings.to(dev), corpus.mask.to(dev)
     scores_out = np.zeros((len(queries), k), dtype=np.float32)
     rows_out = np.zeros((len(queries), k), dtype=np.int64)
     for s in tqdm(range(0, len(queries), batch_size), desc="teacher ranking", disable=not progress):
-        inputs = model.tokenize(list(queries[s : s + batch_size]), "query")
-        q, q_mask = model.encode(to_device(inputs, dev), "query")
-        scores = torch.cat([maxsim(q.float(), q_mask, corpus.embeddings[c : c + doc_chunk].to(dev).float(),
-                                   corpus.mask[c : c + doc_chunk].to(dev), model.config["similarity"])
-                            for c in range(0, len(corpus), doc_chunk)], dim=1)  # fmt: skip
+        q, q_mask = model.encode(to_device(model.tokenize(list(queries[s : s + batch_size]), "query"), dev), "query")
+        chunks = range(0, len(corpus), doc_chunk)
+        scores = torch.cat(
+            [
+                maxsim(q.float(), q_mask, d_emb[c : c + doc_chunk].float(), d_mask[c : c + doc_chunk], similarity)
+                for c in chunks
+            ],
+            dim=1,
+        )
         top, rows = scores.topk(k, dim=1)
         scores_out[s : s + len(rows)], rows_out[s : s + len(rows)] = top.cpu().numpy(), rows.cpu().numpy()
     return scores_out, rows_out
 
 
-def ranked_feedback(run: Run, query_ids: Sequence[str], corpus: TextStore, fb_docs: int, source: str
-                    ) -> list[np.ndarray]:  # fmt: skip
+def ranked_feedback(
+    run: Run, query_ids: Sequence[str], corpus: TextStore, fb_docs: int, source: str
+) -> list[np.ndarray]:
     """Per query, the corpus rows of its top-``fb_docs`` documents in ``run`` (empty if the run lacks it)."""
     return [corpus.codes(top_ranked(run.get(q, {}), fb_docs), source=source) for q in query_ids]
 
@@ -195,8 +214,7 @@ def avg_step_position(doc_lengths: Sequence[int], n_clusters: int) -> np.ndarray
     return starts[doc] + pos
 
 
-def cluster_feedback(embeddings: np.ndarray, doc_lengths: Sequence[int], n_clusters: int, seed: int = 0
-                     ) -> np.ndarray:  # fmt: skip
+def cluster_feedback(embeddings: np.ndarray, doc_lengths: Sequence[int], n_clusters: int, seed: int = 0) -> np.ndarray:
     """``float32 [min(n_clusters, T), dim]`` k-means centroids (not renormalised) of feedback tokens ``[T, dim]``."""
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
@@ -275,16 +293,18 @@ class Expansions:
     token_ids: np.ndarray
 
 
-def _cluster_chunk(feedback: Sequence[np.ndarray], pool: TokenPool, fb_clusters: int, seed: int
-                   ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def _cluster_chunk(
+    feedback: Sequence[np.ndarray], pool: TokenPool, fb_clusters: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Centroids ``[n, fb_clusters, dim]`` of each query's feedback tokens, and which exist ``[n, fb_clusters]``."""
     dim = pool.embeddings.shape[1]
     centroids = np.zeros((len(feedback), fb_clusters, dim), dtype=np.float32)
     exists = np.zeros((len(feedback), fb_clusters), dtype=bool)
-    for i, docs in enumerate(feedback):
-        rows, lengths = pool.doc_rows(docs)
-        c = cluster_feedback(pool.embeddings[rows], lengths[lengths > 0], fb_clusters, seed)
-        centroids[i, : len(c)], exists[i, : len(c)] = c, True
+    with threadpool_limits(1):  # a few hundred points per k-means: threads only add contention
+        for i, docs in enumerate(feedback):
+            rows, lengths = pool.doc_rows(docs)
+            c = cluster_feedback(pool.embeddings[rows], lengths[lengths > 0], fb_clusters, seed)
+            centroids[i, : len(c)], exists[i, : len(c)] = c, True
     return centroids, exists
 
 
@@ -352,15 +372,19 @@ def _check(cfg: DictConfig) -> None:
             f"mode must be 'prf' (teacher top-{cfg.fb_docs}) or 'rf' (labelled positives), got {cfg.mode!r}"
         )
     if cfg.beta < 0 or cfg.fb_docs < 1 or cfg.fb_clusters < 1 or cfg.fb_k < 1 or cfg.neighbours < 1:
-        raise KdirError("need beta >= 0 and fb_docs, fb_clusters, fb_k, neighbours >= 1, got "
-                        f"beta={cfg.beta} fb_docs={cfg.fb_docs} fb_clusters={cfg.fb_clusters} fb_k={cfg.fb_k} "
-                        f"neighbours={cfg.neighbours}")  # fmt: skip
+        raise KdirError(
+            "need beta >= 0 and fb_docs, fb_clusters, fb_k, neighbours >= 1, got "
+            f"beta={cfg.beta} fb_docs={cfg.fb_docs} fb_clusters={cfg.fb_clusters} fb_k={cfg.fb_k} "
+            f"neighbours={cfg.neighbours}"
+        )
     if cfg.mode == "prf" and cfg.ranking is None and cfg.depth < cfg.fb_docs:
         raise KdirError(f"depth={cfg.depth} must be >= fb_docs={cfg.fb_docs} in prf mode")
+    check_writable(cfg.out, cfg.overwrite)  # fail before the encoding, not after
 
 
-def _ranking(cfg: DictConfig, model: ColBERT, dataset: IRDataset, corpus: CorpusTokens, timings: dict[str, float]
-             ) -> tuple[Run | None, list[np.ndarray] | None]:  # fmt: skip
+def _ranking(
+    cfg: DictConfig, model: ColBERT, dataset: IRDataset, corpus: CorpusTokens, timings: dict[str, float]
+) -> tuple[Run | None, list[np.ndarray] | None]:
     """The training queries' ranking (read or computed) and, in prf mode, their feedback documents."""
     ids, n_fb = dataset.queries.ids, cfg.fb_docs
     if cfg.ranking is not None:
@@ -370,8 +394,9 @@ def _ranking(cfg: DictConfig, model: ColBERT, dataset: IRDataset, corpus: Corpus
     if cfg.depth < 1:
         return None, None
     with _timed("search", timings):
-        scores, rows = teacher_ranking(model, dataset.queries.texts, corpus, cfg.depth, cfg.batch_size,
-                                       progress=cfg.progress)  # fmt: skip
+        scores, rows = teacher_ranking(
+            model, dataset.queries.texts, corpus, cfg.depth, cfg.batch_size, progress=cfg.progress
+        )
     return run_from_topk(ids, dataset.corpus.ids, scores, rows), list(rows[:, :n_fb])
 
 
@@ -400,22 +425,26 @@ def expand(cfg: DictConfig) -> ExpansionStore:
     with _timed("clustering", timings):
         pool = corpus.pool()
         index = build_index(pool.embeddings, "Flat", cfg.faiss_gpu)
-        exp = collective_knowledge(feedback, pool, index, idf, skip_mask(model.tokenizer), cfg.fb_clusters,
-                                   cfg.fb_k, cfg.beta, cfg.neighbours, cfg.seed, progress=cfg.progress)  # fmt: skip
+        settings = {k: cfg[k] for k in ("fb_clusters", "fb_k", "beta", "neighbours", "seed")}
+        exp = collective_knowledge(
+            feedback, pool, index, idf, skip_mask(model.tokenizer), **settings, progress=cfg.progress
+        )
     meta = {
         "teacher": teacher_meta(model),
         "data": {"dataset": dataset.name, "n_docs": len(corpus), "n_train_queries": len(dataset.queries)},
-        "mode": cfg.mode, "ranking": str(cfg.ranking) if cfg.ranking else "teacher MaxSim", "fb_docs": cfg.fb_docs,
-        "fb_clusters": cfg.fb_clusters, "fb_k": cfg.fb_k, "beta": cfg.beta, "neighbours": cfg.neighbours,
-        "kmeans_init": "avg_step_position", "seed": cfg.seed, "seconds": timings,
-    }  # fmt: skip
+        "mode": cfg.mode,
+        "ranking": str(cfg.ranking) if cfg.ranking else "teacher MaxSim",
+        "fb_docs": cfg.fb_docs,
+        "kmeans_init": "avg_step_position",
+        **settings,
+        "seconds": timings,
+    }
     keys = id_hashes([dataset.queries.ids[q] for q in exp.queries])
     tokens = token_strings(model.tokenizer, exp.token_ids)
     store = ExpansionStore.write(cfg.out, keys, exp.vectors, exp.weights, tokens, meta, overwrite=cfg.overwrite)
     if run is not None:
         write_trec_run(run, Path(cfg.out) / "ranking.trec", tag="colbert")
-    log.info("expansion store %s: %d of %d training queries, k=%d (timings %s)", cfg.out, len(store),
-             len(dataset.queries), store.k, timings)  # fmt: skip
+    log.info("expansion store %s: %d of %d training queries, k=%d", cfg.out, len(store), len(dataset.queries), store.k)
     return store
 
 

@@ -117,3 +117,31 @@ def test_signal_config_errors():
         TeacherSignal("cached")
     with pytest.raises(ValueError, match="needs a teacher model"):
         TeacherSignal("online")
+
+
+def test_force_positive_max_hand_computed():
+    from kdir.teachers.signal import force_positive_max
+
+    t = torch.tensor([[1.0, 5.0, 2.0], [7.0, 3.0, 9.0], [4.0, 8.0, 0.0]])
+    out = force_positive_max(t, torch.tensor([0, 1, -1]))  # row 2: a generated query, no positive
+    assert out.tolist() == [[5.0, 5.0, 2.0], [7.0, 9.0, 9.0], [4.0, 8.0, 0.0]]
+    assert t[0, 0] == 1.0  # the input is not modified
+
+
+def test_generated_queries_are_extra_rows_without_labels(quickstart, tiny_student):
+    from kdir.data.generated import GeneratedQueries
+
+    ds = IRDataset.from_beir(quickstart["data"], "train", name="quickstart")
+    gen = GeneratedQueries(ids=["g1", "g2", "g3"], texts=["alpha", "beta", "gamma"], sources=[None] * 3)
+    collate = TrainCollator(ds, tiny_student, "inbatch", generated=gen, generated_per_batch=2, seed=0)
+    pairs = [(qid, pids[0]) for qid, pids in list(ds.positives().items())[:3]]
+    negs = [[ds.corpus.ids[i]] for i in range(3)]
+    batch = collate(_item(ds, pairs, negs))
+    assert batch["positive"].tolist() == [0, 1, 2, -1, -1]
+    assert batch["generated"].tolist() == [False, False, False, True, True]
+    assert not batch["false_negative"][3:].any()
+    cand = batch["inputs"]["candidates"]
+    assert cand.shape == (5, 6) and torch.equal(cand[3], cand[0]) and torch.equal(cand[4], cand[0])
+    assert batch["inputs"]["query"]["input_ids"].shape[0] == 5
+    with pytest.raises(ValueError, match="inbatch"):
+        TrainCollator(ds, tiny_student, "pairwise", generated=gen, generated_per_batch=2)

@@ -15,8 +15,8 @@ from kdir.data.examples import Examples, QrelsExamples, TripleExamples
 from kdir.data.stream import ExampleStream
 
 if TYPE_CHECKING:
-    from kdir.data.generated import GeneratedQueries
     from kdir.data.collate import Preparer
+    from kdir.data.generated import GeneratedQueries
     from kdir.evaluation import RetrievalEvaluator
     from kdir.losses.base import Layout
     from kdir.teachers.signal import TeacherSignal

@@ -118,4 +118,3 @@ class Loss(nn.Module):
     def extra_repr(self) -> str:
         skip = {"training"}
         return ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k not in skip)
-

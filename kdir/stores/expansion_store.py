@@ -40,8 +40,9 @@ _MANAGED = ("format", "key", "n_queries", "k", "dim", "created", "kdir_version")
 def _check_arrays(keys: np.ndarray, vectors: np.ndarray, weights: np.ndarray, tokens: Sequence[Sequence[str]]) -> None:
     """Raise :class:`KdirError` unless the arrays describe ``Q`` queries with ``k`` expansions each."""
     if keys.dtype != np.uint64 or keys.ndim != 1:
-        raise KdirError(f"expansion keys must be a 1-d uint64 array (kdir.stores.id_hashes), got {keys.dtype} "
-                        f"{keys.shape}")  # fmt: skip
+        raise KdirError(
+            f"expansion keys must be a 1-d uint64 array (kdir.stores.id_hashes), got {keys.dtype} {keys.shape}"
+        )
     n = len(keys)
     if vectors.ndim != 3 or vectors.shape[0] != n:
         raise KdirError(f"expansion vectors must be [Q={n}, k, dim], got {vectors.shape}")
@@ -62,13 +63,23 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
+def check_writable(path: str | Path, overwrite: bool) -> None:
+    """Raise :class:`FileExistsError` unless a store may be written at ``path`` (absent, empty, or ``overwrite``)."""
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    if not (path / _META).is_file():
+        raise FileExistsError(f"{path}: exists and is not an expansion store")
+    if not overwrite:
+        raise FileExistsError(f"{path}: an expansion store exists (pass overwrite=True to replace it)")
+
+
 def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
     """Rename the finished folder ``tmp`` to ``path``; an existing store there is replaced only if ``overwrite``."""
-    if path.exists():
-        is_store = (path / _META).is_file() or (path.is_dir() and not any(path.iterdir()))
-        if not (overwrite and is_store):
-            why = "pass overwrite=True to replace it" if is_store else "it is not an expansion store"
-            raise FileExistsError(f"{path}: exists ({why})")
+    if path.is_dir() and not any(path.iterdir()):
+        os.replace(tmp, path)  # an empty folder is simply taken
+    elif path.exists():
+        check_writable(path, overwrite)
         old = path.parent / f".{path.name}.old-{uuid4().hex[:8]}"
         os.replace(path, old)
         os.replace(tmp, path)
@@ -84,8 +95,9 @@ class ExpansionStore:
         self.path = Path(path)
         meta_file = self.path / _META
         if not meta_file.is_file():
-            raise FileNotFoundError(f"{self.path}: not a kdir expansion store (no {_META}); "
-                                    "build one with `python -m kdir.expand`")  # fmt: skip
+            raise FileNotFoundError(
+                f"{self.path}: not a kdir expansion store (no {_META}); build one with `python -m kdir.expand`"
+            )
         self.meta: dict[str, Any] = json.loads(meta_file.read_text(encoding="utf-8"))
         for field, expected in (("format", FORMAT), ("key", KEY_SCHEME)):
             if self.meta.get(field) != expected:
@@ -94,8 +106,11 @@ class ExpansionStore:
         self.vectors = self._load(_VECTORS, np.float32, 3)
         self.weights = self._load(_WEIGHTS, np.float32, 2)
         n, k, dim = self.meta["n_queries"], self.meta["k"], self.meta["dim"]
-        for name, arr, shape in ((_KEYS, self.keys, (n,)), (_VECTORS, self.vectors, (n, k, dim)),
-                                 (_WEIGHTS, self.weights, (n, k))):  # fmt: skip
+        for name, arr, shape in (
+            (_KEYS, self.keys, (n,)),
+            (_VECTORS, self.vectors, (n, k, dim)),
+            (_WEIGHTS, self.weights, (n, k)),
+        ):
             if arr.shape != shape:
                 raise DataFormatError(self.path / name, None, f"shape {shape} (from {_META})", got=str(arr.shape))
         if n > 1 and not (self.keys[1:] > self.keys[:-1]).all():
@@ -105,8 +120,9 @@ class ExpansionStore:
     def _load(self, name: str, dtype: type, ndim: int) -> np.ndarray:
         arr = np.load(self.path / name, mmap_mode="r")
         if arr.dtype != dtype or arr.ndim != ndim:
-            raise DataFormatError(self.path / name, None, f"a {ndim}-d {np.dtype(dtype)} array",
-                                  got=f"{arr.dtype} {arr.shape}")  # fmt: skip
+            raise DataFormatError(
+                self.path / name, None, f"a {ndim}-d {np.dtype(dtype)} array", got=f"{arr.dtype} {arr.shape}"
+            )
         return arr.view(np.ndarray)
 
     # -- writing / opening -----------------------------------------------------------------------------

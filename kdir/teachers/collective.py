@@ -61,18 +61,32 @@ class CollectiveColBERT(ColBERT):
     name = "collective_colbert"
     uses_query_keys = True  # the teacher signal passes the batch's query-id hashes to prepare()
 
-    def __init__(self, model_name_or_path: str | Path, expansion: str | Path, similarity: Similarity = "l2",
-                 **colbert_kwargs) -> None:  # fmt: skip
+    def __init__(
+        self, model_name_or_path: str | Path, expansion: str | Path, similarity: Similarity = "l2", **colbert_kwargs
+    ) -> None:
         super().__init__(model_name_or_path, similarity=similarity, **colbert_kwargs)
         self.expansion = ExpansionStore.open(expansion)
         if self.expansion.dim != self.config["dim"]:
-            raise KdirError(f"{expansion}: expansion vectors have dim {self.expansion.dim}, but the ColBERT "
-                            f"{model_name_or_path} has dim {self.config['dim']}")  # fmt: skip
+            raise KdirError(
+                f"{expansion}: expansion vectors have dim {self.expansion.dim}, but the ColBERT "
+                f"{model_name_or_path} has dim {self.config['dim']}"
+            )
         recorded = self.expansion.meta.get("teacher", {}).get("weights")
         if recorded is not None and recorded != self.weights_hash():
-            log.warning("%s was built with other ColBERT weights (%s) than %s; CollectiveKD uses the same checkpoint "
-                        "for the expansion and the teacher", expansion, recorded[:12], model_name_or_path)  # fmt: skip
+            log.warning(
+                "%s was built with other ColBERT weights (%s) than %s; CollectiveKD uses the same checkpoint "
+                "for the expansion and the teacher",
+                expansion,
+                recorded[:12],
+                model_name_or_path,
+            )
         self.config["expansion"] = str(expansion)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> CollectiveColBERT:
+        """Load a ColBERT folder as the collective teacher: ``expansion`` is required and ``similarity`` is ``l2``
+        (the paper's) unless given, whatever similarity the folder records."""
+        return super().from_pretrained(path, **({"similarity": "l2"} | overrides))
 
     def prepare(
         self,
@@ -95,10 +109,8 @@ class CollectiveColBERT(ColBERT):
             raise KdirError(f"query_keys must be [B={len(queries)}] uint64 hashes, got shape {keys.shape}")
         vectors, weights = self.expansion.lookup(keys)
         inputs = super().prepare(queries, docs, candidates)
-        inputs["query_expansion"], inputs["query_expansion_weights"] = (
-            torch.from_numpy(vectors),
-            torch.from_numpy(weights),
-        )
+        inputs["query_expansion"] = torch.from_numpy(vectors)
+        inputs["query_expansion_weights"] = torch.from_numpy(weights)
         return inputs
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
@@ -110,8 +122,8 @@ class CollectiveColBERT(ColBERT):
         d, d_mask = self.encode(
             {"input_ids": inputs["doc_input_ids"], "attention_mask": inputs["doc_attention_mask"]}, "doc"
         )
-        scores = collective_maxsim(q, q_mask, inputs["query_expansion"], inputs["query_expansion_weights"], d, d_mask,
-                                   self.config["similarity"])  # fmt: skip
+        expansion, weights = inputs["query_expansion"], inputs["query_expansion_weights"]
+        scores = collective_maxsim(q, q_mask, expansion, weights, d, d_mask, self.config["similarity"])
         return scores.gather(1, inputs["candidates"])
 
     @torch.no_grad()

@@ -151,8 +151,9 @@ class TeacherSignal:
                 kw["query_keys"] = np.concatenate([self.q_hash[queries], np.zeros(n_generated, dtype=np.uint64)])
             return {"teacher_inputs": self.model.prepare(query_texts, doc_texts, candidates, **kw)}
         if n_generated:
-            raise KdirError("generated queries have no cached teacher scores: use an online teacher "
-                            "(teacher.mode=online)")
+            raise KdirError(
+                "generated queries have no cached teacher scores: use an online teacher (teacher.mode=online)"
+            )
         keys = pair_keys(self.q_hash[queries][:, None], self.d_hash[docs][candidates])  # [B, C]
         scores = self.store.lookup(keys)
         missing = np.isnan(scores)
@@ -188,8 +189,10 @@ class TeacherSignal:
     def outputs(self, batch: dict, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Teacher scores ``[B, C]``, query embeddings ``[B, d]`` and own-positive document embeddings ``[B, d]``."""
         if self.mode != "online" or not hasattr(self.model, "outputs"):
-            raise KdirError(f"embedding matching needs an online teacher that embeds (a bi-encoder, or a "
-                            f"cross-encoder with dual_pooling), got {type(self.model).__name__} in mode {self.mode!r}")
+            raise KdirError(
+                f"embedding matching needs an online teacher that embeds (a bi-encoder, or a "
+                f"cross-encoder with dual_pooling), got {type(self.model).__name__} in mode {self.mode!r}"
+            )
         scores, q, d = self.model.outputs(batch["teacher_inputs"], positive)
         return self._labels(scores.float(), batch), q, d
 

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# TCT-ColBERT HN+ (Lin, Yang & Lin 2021) as a pipeline of kdir commands; see experiments/recipes/README.md.
+#   0. (no TEACHER given) train a ColBERT teacher          -> $OUT/teacher/teacher
+#   1. distil the TCT student from the teacher             -> $OUT/student/student
+#   2. mine the student's top-$DEPTH for the training queries -> $OUT/hn.trec (+ $OUT/mine/metrics.json)
+#   3. HN+: fine-tune the teacher on the mined negatives    -> $OUT/teacher_hnp/teacher   (skipped with VARIANT=hn)
+#   4. distil again on the mined negatives, from the stage-1 student -> $OUT/student_$VARIANT/student
+# Defaults run the offline quickstart (tiny models, a few minutes on CPU):
+#   bash experiments/recipes/tct_colbert_hnp.sh
+# SciFact on a GPU (see the README for the full command):
+#   OUT=outputs/tct_hnp_scifact DATA=scifact EVAL=scifact TEACHER_EVAL=maxsim_scifact TEACHER=<ColBERT folder> \
+#   STUDENT_ARGS="student.model_name_or_path=<encoder>" EXTRA="trainer=gpu ..." bash experiments/recipes/tct_colbert_hnp.sh
+set -euo pipefail
+
+OUT=${OUT:-outputs/tct_colbert_hnp}
+VARIANT=${VARIANT:-hnp}                         # hnp: re-train the teacher (stage 3) | hn: keep the original teacher
+STAGES=${STAGES:-0 1 2 3 4}                     # run a subset, e.g. STAGES="2 3 4" to resume after stage 1
+DEPTH=${DEPTH:-200}                             # mined candidates kept per training query (TCT: 200)
+DATA=${DATA:-quickstart}                        # training data (conf/data); the same for every stage
+EVAL=${EVAL:-quickstart}                        # student evaluation (conf/eval)
+TEACHER_EVAL=${TEACHER_EVAL-maxsim_quickstart}  # teacher evaluation (conf/teacher_eval); empty: none
+TEACHER=${TEACHER:-}                            # ColBERT teacher folder; empty: stage 0 trains $OUT/teacher/teacher
+TEACHER_INIT=${TEACHER_INIT:-}                  # stage 0's starting encoder; empty: the quickstart's tiny BERT
+# TCT's teacher settings (36/154 tokens, unnormalised query tokens), so the teacher is trained as it is used.
+TEACHER_ARGS=${TEACHER_ARGS-teacher.model.query_max_length=36 teacher.model.doc_max_length=154 ++teacher.model.normalize_queries=false}
+# Stage-1 student; empty: the experiment's tct_mean (bert-base-uncased). Its word pieces and [MASK]
+# padding do not suit the quickstart's word-level toy vocabulary, hence student=tiny by default.
+STUDENT_ARGS=${STUDENT_ARGS-student=tiny}
+EXTRA=${EXTRA-optim.optimizer.lr=3e-3 optim.warmup=0.1 trainer.max_epochs=5 trainer.max_steps=-1}  # all training
+STUDENT_EXTRA=${STUDENT_EXTRA-}                 # kdir.run stages (1 and 4) only
+TEACHER_EXTRA=${TEACHER_EXTRA-}                 # kdir.train_teacher stages (0 and 3) only
+MINE_EXTRA=${MINE_EXTRA-}                       # kdir.mine (stage 2) only, e.g. index_factory=HNSW32
+case $VARIANT in hn | hnp) ;; *) echo "VARIANT must be hn or hnp, got '$VARIANT'" >&2 && exit 2 ;; esac
+
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/hardware.txt" 2>/dev/null || uname -a > "$OUT/hardware.txt"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+timed() {  # timed <stage name> <command...>: run it, append its wall time to $OUT/stage_seconds.tsv
+  local name=$1 start=$SECONDS
+  shift
+  echo "== $name: $*" >&2
+  "$@"
+  printf '%s\t%d\n' "$name" $((SECONDS - start)) >> "$OUT/stage_seconds.tsv"
+}
+# TCT-ColBERT's HN triples: 1 negative per (query, positive), drawn uniformly from the student's top-$DEPTH,
+# labelled positives NOT filtered out (hard_triplet_construct.py); drawn afresh every epoch.
+HN="data.examples.negatives._target_=kdir.data.examples.RunNegatives ++data.examples.negatives.path=$OUT/hn.trec
+    ++data.examples.negatives.depth=$DEPTH ++data.examples.negatives.exclude_positives=false data.examples.n_negatives=1"
+T_EVAL=${TEACHER_EVAL:+teacher_eval=$TEACHER_EVAL}
+
+# shellcheck disable=SC2086  # the *_ARGS / *EXTRA / HN variables are word-split into Hydra overrides on purpose
+{
+  if [[ -z $TEACHER ]]; then
+    TEACHER=$OUT/teacher/teacher
+    if has 0; then
+      TEACHER_INIT=${TEACHER_INIT:-$(python -c "from kdir.quickstart import ensure; print(ensure('model'))")}
+      timed 0_teacher python -m kdir.train_teacher teacher=colbert teacher.model.path="$TEACHER_INIT" $TEACHER_ARGS \
+        ++teacher.model.bias=true data="$DATA" $T_EVAL hydra.run.dir="$OUT/teacher" $EXTRA $TEACHER_EXTRA
+    fi
+  fi
+  if has 1; then
+    timed 1_student python -m kdir.run experiment=tct_colbert teacher.model.path="$TEACHER" $STUDENT_ARGS \
+      data="$DATA" eval="$EVAL" hydra.run.dir="$OUT/student" $EXTRA $STUDENT_EXTRA
+  fi
+  if has 2; then
+    timed 2_mine python -m kdir.mine student=checkpoint student.path="$OUT/student/student" data="$DATA" \
+      depth="$DEPTH" out="$OUT/hn.trec" hydra.run.dir="$OUT/mine" $MINE_EXTRA
+  fi
+  FINAL_TEACHER=$TEACHER
+  if [[ $VARIANT == hnp ]]; then
+    FINAL_TEACHER=$OUT/teacher_hnp/teacher
+    if has 3; then
+      timed 3_teacher_hnp python -m kdir.train_teacher teacher=colbert teacher.model.path="$TEACHER" \
+        $TEACHER_ARGS data="$DATA" $HN $T_EVAL hydra.run.dir="$OUT/teacher_hnp" $EXTRA $TEACHER_EXTRA
+    fi
+  fi
+  if has 4; then
+    timed "4_student_$VARIANT" python -m kdir.run experiment=tct_colbert student=checkpoint \
+      student.path="$OUT/student/student" teacher.model.path="$FINAL_TEACHER" data="$DATA" eval="$EVAL" $HN \
+      hydra.run.dir="$OUT/student_$VARIANT" $EXTRA $STUDENT_EXTRA
+  fi
+}
+
+# Summary of whatever stages exist: test metrics of both students, the teachers, and the mined pool's recall.
+python - "$OUT" "$VARIANT" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out, variant = Path(sys.argv[1]), sys.argv[2]
+rows = [("teacher", "teacher/metrics.json", "metrics"), ("student (stage 1)", "student/metrics.json", "trained"),
+        ("mined pool (train)", "mine/metrics.json", "metrics"), ("HN+ teacher", "teacher_hnp/metrics.json", "metrics"),
+        (f"student {variant.upper()}", f"student_{variant}/metrics.json", "trained")]
+for name, file, key in rows:
+    if (out / file).is_file():
+        metrics = json.loads((out / file).read_text()).get(key) or {}
+        print(f"{name:22s}", "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+EOF
