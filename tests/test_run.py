@@ -119,3 +119,14 @@ def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path, args, message,
     r = run_cli("kdir.run", *args, "eval_untrained=false", f"hydra.run.dir={tmp_path}")
     assert r.returncode != 0
     assert message in r.stderr + r.stdout
+
+
+def test_ddp_gather_across_devices_trains_with_the_global_in_batch_pool(tmp_path, quickstart):
+    """Two gloo processes, hard-label InfoNCE over every rank's in-batch documents (the gather carries gradients)."""
+    r = run_cli("kdir.run", "experiment=quickstart_infonce", "trainer=ddp_cpu", "gather_across_devices=true",
+                "trainer.max_epochs=1", "eval_untrained=false", "logger=csv", f"hydra.run.dir={tmp_path}")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["trained"]["nDCG@10"] > 0.05
+    r = run_cli("kdir.run", "gather_across_devices=true", "debug=fast", f"hydra.run.dir={tmp_path / 'pairwise'}")
+    assert r.returncode != 0 and "gather_across_devices needs the inbatch layout" in r.stderr + r.stdout

@@ -9,7 +9,8 @@
 #   bash experiments/recipes/tct_colbert_hnp.sh
 # SciFact on a GPU (see the README for the full command):
 #   OUT=outputs/tct_hnp_scifact DATA=scifact EVAL=scifact TEACHER_EVAL=maxsim_scifact TEACHER=<ColBERT folder> \
-#   STUDENT_ARGS="student.model_name_or_path=<encoder>" EXTRA="trainer=gpu ..." bash experiments/recipes/tct_colbert_hnp.sh
+#   STUDENT_ARGS="student.model_name_or_path=<encoder>" EXTRA="trainer=gpu ..." \
+#   bash experiments/recipes/tct_colbert_hnp.sh
 set -euo pipefail
 
 OUT=${OUT:-outputs/tct_colbert_hnp}
@@ -22,7 +23,9 @@ TEACHER_EVAL=${TEACHER_EVAL-maxsim_quickstart}  # teacher evaluation (conf/teach
 TEACHER=${TEACHER:-}                            # ColBERT teacher folder; empty: stage 0 trains $OUT/teacher/teacher
 TEACHER_INIT=${TEACHER_INIT:-}                  # stage 0's starting encoder; empty: the quickstart's tiny BERT
 # TCT's teacher settings (36/154 tokens, unnormalised query tokens), so the teacher is trained as it is used.
-TEACHER_ARGS=${TEACHER_ARGS-teacher.model.query_max_length=36 teacher.model.doc_max_length=154 ++teacher.model.normalize_queries=false}
+TCT_TEACHER="teacher.model.query_max_length=36 teacher.model.doc_max_length=154"
+TCT_TEACHER+=" ++teacher.model.normalize_queries=false"
+TEACHER_ARGS=${TEACHER_ARGS-$TCT_TEACHER}
 # Stage-1 student; empty: the experiment's tct_mean (bert-base-uncased). Its word pieces and [MASK]
 # padding do not suit the quickstart's word-level toy vocabulary, hence student=tiny by default.
 STUDENT_ARGS=${STUDENT_ARGS-student=tiny}
@@ -44,8 +47,9 @@ timed() {  # timed <stage name> <command...>: run it, append its wall time to $O
 }
 # TCT-ColBERT's HN triples: 1 negative per (query, positive), drawn uniformly from the student's top-$DEPTH,
 # labelled positives NOT filtered out (hard_triplet_construct.py); drawn afresh every epoch.
-HN="data.examples.negatives._target_=kdir.data.examples.RunNegatives ++data.examples.negatives.path=$OUT/hn.trec
-    ++data.examples.negatives.depth=$DEPTH ++data.examples.negatives.exclude_positives=false data.examples.n_negatives=1"
+NEG=data.examples.negatives
+HN="$NEG._target_=kdir.data.examples.RunNegatives ++$NEG.path=$OUT/hn.trec ++$NEG.depth=$DEPTH
+    ++$NEG.exclude_positives=false data.examples.n_negatives=1"
 T_EVAL=${TEACHER_EVAL:+teacher_eval=$TEACHER_EVAL}
 
 # shellcheck disable=SC2086  # the *_ARGS / *EXTRA / HN variables are word-split into Hydra overrides on purpose
