@@ -288,7 +288,7 @@ class DualEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> DualEncoder:
-        """Load a kdir checkpoint folder (its saved settings, updated by the non-``None`` ``overrides``) or any HF encoder."""
+        """Load a kdir checkpoint folder (saved settings, updated by non-``None`` ``overrides``) or any HF encoder."""
         cfg_file = Path(str(path)) / CONFIG_NAME
         config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
         return cls(path, **(config | {k: v for k, v in overrides.items() if v is not None}))

@@ -100,7 +100,7 @@ class Teacher(nn.Module, ABC):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> Teacher:
-        """Load a kdir teacher folder (its saved settings, updated by the non-``None`` ``overrides``) or any HF model."""
+        """Load a kdir teacher folder (saved settings, updated by non-``None`` ``overrides``) or any HF model."""
         cfg_file = Path(str(path)) / CONFIG_NAME
         config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
         return cls(path, **(config | {k: v for k, v in overrides.items() if v is not None}))
