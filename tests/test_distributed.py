@@ -70,6 +70,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     loss.backward()
     res.update(loss=loss.detach(), q_grad=q.grad, d_grad=d.grad, n_cols=docs.shape[0])
     torch.save(res, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank tears gloo down while the other is still in a collective
     dist.destroy_process_group()
 
 
