@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import KdirError
 from kdir.metrics import write_trec_run
-from kdir.utils import print_metrics, save_json
+from kdir.utils import print_metrics, resolve_device, save_json
 
 log = logging.getLogger("kdir.evaluate")
 
@@ -29,7 +29,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if not cfg.eval.get(cfg.split):
         raise KdirError(f"eval={cfg.eval} has no {cfg.split!r} split (choose split=val or split=test)")
     evaluator = instantiate(cfg.eval[cfg.split])
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     encoder = instantiate(cfg.student).to(device)
     log.info("evaluating on %s: %d queries, %d documents, device %s", evaluator.dataset.name,
              len(evaluator.dataset.queries), len(evaluator.dataset.corpus), device)  # fmt: skip

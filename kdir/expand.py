@@ -48,6 +48,7 @@ from kdir.stores import ExpansionStore, id_hashes
 from kdir.stores.expansion_store import check_writable
 from kdir.teachers.base import to_device
 from kdir.teachers.colbert import ColBERT, maxsim
+from kdir.utils import resolve_device
 
 log = logging.getLogger("kdir.expand")
 
@@ -407,7 +408,7 @@ def expand(cfg: DictConfig) -> ExpansionStore:
 
     _check(cfg)
     torch.manual_seed(cfg.seed)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     model = instantiate(cfg.teacher.model)
     if not isinstance(model, ColBERT):
         raise KdirError(f"kdir.expand needs a ColBERT teacher (teacher=colbert), got {type(model).__name__}")

@@ -35,7 +35,7 @@ import kdir  # noqa: F401  (registers config resolvers)
 from kdir.data.dataset import IRDataset
 from kdir.data.generated import write_generated
 from kdir.errors import KdirError
-from kdir.utils import save_json
+from kdir.utils import resolve_device, save_json
 
 log = logging.getLogger("kdir.generate_queries")
 
@@ -140,7 +140,7 @@ def generate_queries(cfg: DictConfig) -> dict[str, Any]:
     OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml", resolve=True)
     dataset: IRDataset = instantiate(cfg.data.train)
     src_ids, src_texts = pick_sources(dataset, gen.source, cfg.n_sources, cfg.seed)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(gen.model))
     model = AutoModelForSeq2SeqLM.from_pretrained(str(gen.model), **FP32).to(device).eval()

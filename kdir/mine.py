@@ -24,7 +24,7 @@ from kdir.data.dataset import IRDataset
 from kdir.errors import KdirError
 from kdir.evaluation import RetrievalEvaluator
 from kdir.metrics import Run, write_trec_run
-from kdir.utils import print_metrics, save_json
+from kdir.utils import print_metrics, resolve_device, save_json
 
 log = logging.getLogger("kdir.mine")
 
@@ -58,7 +58,7 @@ def mine(cfg: DictConfig) -> dict[str, float]:
     metrics = list(dict.fromkeys([f"R@{cfg.depth}", *cfg.metrics]))
     evaluator = RetrievalEvaluator(dataset, metrics=metrics, depth=cfg.depth, index_factory=cfg.index_factory,
                                    use_gpu=cfg.use_gpu, batch_size=cfg.batch_size)  # fmt: skip
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     encoder = load_student(cfg).to(device)
     if cfg.depth > len(dataset.corpus):
         log.warning("depth=%d exceeds the corpus (%d documents): every document is kept", cfg.depth,

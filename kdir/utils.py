@@ -45,6 +45,15 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+def resolve_device(device: str | None) -> str:
+    """``auto`` / ``None`` → ``cuda`` when available, else ``cpu``; any other value as given."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every named node of a group such as ``callbacks`` or ``logger`` (``null`` → [])."""
     from hydra.utils import instantiate

@@ -15,6 +15,18 @@ from torch import Tensor
 from kdir.losses.base import AppliesTo, Candidates, Layout, Loss
 
 
+def log_softmaxes(student: Tensor, teacher: Tensor, mask: Tensor | None, tau_student: float, tau_teacher: float,
+                  name: str) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """fp32 ``log softmax(s / τ_s)`` and ``log softmax(t / τ_t)`` over each row's unmasked ``[B, C]`` candidates."""
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(f"{name} expects [B, C] student and teacher scores, got {tuple(student.shape)} and "
+                         f"{tuple(teacher.shape)}")  # fmt: skip
+    s, t = student.float() / tau_student, teacher.float() / tau_teacher
+    if mask is not None:
+        s, t = s.masked_fill(~mask, float("-inf")), t.masked_fill(~mask, float("-inf"))
+    return F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+
+
 def kl_divergence(student: Tensor, teacher: Tensor, mask: Tensor | None = None, tau_teacher: float = 0.25,
                   tau_student: float = 1.0) -> Tensor:  # fmt: skip
     """``mean_i Σ_c P_t(c|i) [log P_t(c|i) − log P_s(c|i)]`` = KL(teacher ‖ student), in fp32.
@@ -25,13 +37,7 @@ def kl_divergence(student: Tensor, teacher: Tensor, mask: Tensor | None = None, 
         student / teacher: ``[B, C]`` scores.
         mask: optional ``[B, C]`` bool; masked candidates leave both softmaxes (rows need one unmasked entry).
     """
-    if student.shape != teacher.shape or student.dim() != 2:
-        raise ValueError(f"kl expects [B, C] student and teacher scores, got {tuple(student.shape)} and "
-                         f"{tuple(teacher.shape)}")  # fmt: skip
-    s, t = student.float() / tau_student, teacher.float() / tau_teacher
-    if mask is not None:
-        s, t = s.masked_fill(~mask, float("-inf")), t.masked_fill(~mask, float("-inf"))
-    log_ps, log_pt = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    log_ps, log_pt = log_softmaxes(student, teacher, mask, tau_student, tau_teacher, "kl")
     kl = log_pt.exp() * (log_pt - log_ps)
     if mask is not None:
         kl = torch.where(mask, kl, 0.0)

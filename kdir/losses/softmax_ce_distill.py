@@ -4,10 +4,10 @@ Geometric Knowledge Distillation for Information Retrieval", https://arxiv.org/a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kdir.losses.base import AppliesTo, Candidates, Layout, Loss
+from kdir.losses.kl import log_softmaxes
 
 
 def softmax_ce_distill(student: Tensor, teacher: Tensor, mask: Tensor | None = None, temperature: float = 1.0
@@ -16,13 +16,8 @@ def softmax_ce_distill(student: Tensor, teacher: Tensor, mask: Tensor | None = N
 
     Equals KL(teacher ‖ student) plus the teacher's entropy (a constant): same gradients, different value.
     """
-    if student.shape != teacher.shape or student.dim() != 2:
-        raise ValueError(f"softmax_ce_distill expects [B, C] student and teacher scores, got "
-                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")  # fmt: skip
-    s, t = student.float() / temperature, teacher.float() / temperature
-    if mask is not None:
-        s, t = s.masked_fill(~mask, float("-inf")), t.masked_fill(~mask, float("-inf"))
-    ce = -F.softmax(t, dim=-1) * F.log_softmax(s, dim=-1)
+    log_ps, log_pt = log_softmaxes(student, teacher, mask, temperature, temperature, "softmax_ce_distill")
+    ce = -log_pt.exp() * log_ps
     if mask is not None:
         ce = torch.where(mask, ce, 0.0)
     return ce.sum(-1).mean()
