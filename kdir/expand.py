@@ -413,7 +413,7 @@ def expand(cfg: DictConfig) -> ExpansionStore:
     if not isinstance(model, ColBERT):
         raise KdirError(f"kdir.expand needs a ColBERT teacher (teacher=colbert), got {type(model).__name__}")
     model = model.freeze().to(device)
-    dataset: IRDataset = instantiate(cfg.data.train)
+    dataset: IRDataset = instantiate(cfg.get("dataset") or cfg.data.train)
     timings: dict[str, float] = {}
     with _timed("encode", timings):
         corpus = encode_corpus(model, dataset.corpus.texts, cfg.batch_size, cfg.progress)

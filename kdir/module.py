@@ -119,6 +119,9 @@ class DistillModule(pl.LightningModule):
         return loss
 
     def on_fit_start(self) -> None:
+        # Hugging Face loads models in eval mode and Lightning keeps the modes it finds: train with dropout
+        # (a frozen document tower stays in eval mode, see DualEncoder.train; the teacher signal is never trained)
+        self.student.train()
         self._set_epoch()
         if self.signal is not None:
             self.signal.to(self.device)

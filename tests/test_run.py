@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 from conftest import CONF, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -40,6 +41,29 @@ def test_quickstart_student_beats_its_untrained_self(tmp_path, quickstart):
         assert (tmp_path / f).is_file(), f
     assert json.loads((tmp_path / "metrics.json").read_text())["trained"]["nDCG@10"] == after["nDCG@10"]
     assert "val/nDCG@10" in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
+    speed = json.loads((tmp_path / "throughput.json").read_text())  # kdir.callbacks.Throughput
+    assert speed["queries_per_s"] > 0 and speed["steps"] > 5 and speed["queries_per_step"] == 32
+
+
+class TrainModeProbe(pl.Callback):
+    """Records whether the student's layers are in train mode (dropout on) during training steps."""
+
+    seen: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        TrainModeProbe.seen.append(all(m.training for m in pl_module.student.modules()))
+
+
+def test_students_train_with_dropout(tmp_path, quickstart):
+    """Hugging Face loads models in eval mode; the training steps must see them in train mode."""
+    from kdir.run import train
+
+    cfg = _cfg(tmp_path, ["debug=fast", "data.num_workers=0"])
+    with open_dict(cfg):
+        cfg.callbacks = {"probe": {"_target_": "test_run.TrainModeProbe"}}
+    TrainModeProbe.seen = []
+    train(cfg)
+    assert TrainModeProbe.seen == [True]
 
 
 @pytest.mark.parametrize("experiment", QUICK_EXPERIMENTS)

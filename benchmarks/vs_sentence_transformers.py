@@ -1,0 +1,255 @@
+"""kdir vs sentence-transformers, side by side: Margin-MSE training throughput and SciFact evaluation.
+
+    python benchmarks/vs_sentence_transformers.py --store <CE score store> --negatives <train run> [--steps 40]
+
+Training: the same student (paraphrase-MiniLM-L3-v2, mean pooling, dot product, 64/128 tokens), the same
+(query, positive, negative) triples of SciFact train with the same cached cross-encoder margins, batch size,
+learning rate, warm-up, steps, precision and data-loader workers. kdir trains through ``kdir.run.train``
+(fixed triples + cached scores imported once into a score store); sentence-transformers through its
+``SentenceTransformerTrainer`` with ``MarginMSELoss``. Both loops are timed by callbacks from the first to
+the last training batch (model loading, data import and the trainers' setup excluded); the steady rate
+skips the first ``--warmup`` batches.
+
+Evaluation: the zero-shot L3 (cosine, 128 tokens) on SciFact test (300 queries, 5,183 documents): kdir's
+``RetrievalEvaluator`` (encode → FAISS → TREC run → ir-measures) vs ``SentenceTransformer.encode`` → FAISS
+``IndexFlatIP`` → ir-measures, wall time and the same metrics. On a GPU both run in bf16.
+
+Needs ``pip install -e .[bench]``. Prints a table of figures and kdir/ST ratios; ``--out`` saves them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHARED = Path(os.environ.get("KDIR_SHARED", "../shared"))
+L3 = SHARED / "models/paraphrase-MiniLM-L3-v2"
+METRICS = ["nDCG@10", "RR@10", "R@100", "R@1000"]
+
+
+def write_triples(store: Path, negatives: Path, depth: int, out: Path, seed: int) -> int:
+    """Hofstätter-format triples ``pos_score neg_score qid pos neg``: every (train query, positive) of
+    ``data=scifact`` with one negative drawn from its top-``depth`` run candidates, scored from the store."""
+    from kdir.data.dataset import IRDataset, holdout
+    from kdir.data.readers import read_trec_run, top_ranked
+    from kdir.stores import ScoreStore, pair_keys_from_ids
+
+    ds = holdout(IRDataset.from_beir(SHARED / "data/scifact", "train"), size=100, part="rest", seed=0)
+    run, rng, rows = read_trec_run(negatives), np.random.default_rng(seed), []
+    for qid, rels in ds.qrels.items():
+        pos = [p for p, r in rels.items() if r > 0]
+        pool = [d for d in top_ranked(run.get(qid, {}), depth) if d not in rels]
+        for p in pos:
+            if pool:
+                rows.append((qid, p, pool[rng.integers(len(pool))]))
+    scores = ScoreStore.open(store)
+    s_pos = scores.lookup(pair_keys_from_ids([r[0] for r in rows], [r[1] for r in rows]))
+    s_neg = scores.lookup(pair_keys_from_ids([r[0] for r in rows], [r[2] for r in rows]))
+    with out.open("w") as f:
+        for (q, p, n), a, b in zip(rows, s_pos, s_neg):
+            f.write(f"{a:.6f}\t{b:.6f}\t{q}\t{p}\t{n}\n")
+    return len(rows)
+
+
+def kdir_train(triples: Path, args, work: Path) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from kdir.run import train
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    out = work / "kdir_run"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("run", return_hydra_config=False, overrides=[
+            "experiment=margin_mse", "student=minilm_l3", f"student.model_name_or_path={L3}",
+            "student.similarity=dot", "student.query_max_length=64", "student.doc_max_length=128",
+            "teacher=scores", f"teacher.store={work / 'kdir.store'}", f"teacher.import_file={triples}",
+            "teacher.import_format=margin_scores", "data=scifact", "optim=adamw", f"optim.optimizer.lr={args.lr}",
+            f"optim.warmup={args.warmup_frac}", f"data.batch_size={args.batch_size}",
+            f"data.num_workers={args.workers}", "logger=none", "eval_untrained=false", "export_student=false",
+            f"trainer.max_steps={args.steps}", "trainer.max_epochs=-1", f"trainer.accelerator={args.accelerator}",
+            f"trainer.precision={args.precision}", "+trainer.enable_checkpointing=false", f"seed={args.seed}",
+        ])  # fmt: skip
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.data.examples = OmegaConf.create(
+            {"_target_": "kdir.data.examples.TripleExamples", "path": str(triples), "format": "margin_scores"}
+        )
+        cfg.eval = OmegaConf.create({"val": None, "test": None})
+        cfg.callbacks = OmegaConf.create({"throughput": {"_target_": "kdir.callbacks.Throughput",
+                                                         "warmup_steps": args.warmup, "output_dir": str(out)}})  # fmt: skip
+        cfg.run_name = "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    train(cfg)
+    return json.loads((out / "throughput.json").read_text())
+
+
+def st_train(triples: Path, args, work: Path) -> dict:
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.losses import MarginMSELoss
+    from sentence_transformers.training_args import SentenceTransformerTrainingArguments
+    from transformers import TrainerCallback
+
+    from kdir.data.dataset import IRDataset
+
+    ds = IRDataset.from_beir(SHARED / "data/scifact", "train")
+    qtext = dict(zip(ds.queries.ids, ds.queries.texts))
+    dtext = dict(zip(ds.corpus.ids, ds.corpus.texts))
+    cols: dict[str, list] = {"query": [], "positive": [], "negative": [], "label": []}
+    for line in triples.read_text().splitlines():
+        a, b, q, p, n = line.split("\t")
+        cols["query"].append(qtext[q])
+        cols["positive"].append(dtext[p])
+        cols["negative"].append(dtext[n])
+        cols["label"].append(float(a) - float(b))
+    model = SentenceTransformer(str(L3), device=args.device)
+    model.max_seq_length = 128  # one limit for queries and documents; SciFact queries are far below 64 tokens
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def on_train_begin(self, *a, **k):
+            self.stamps = [time.perf_counter()]
+
+        def on_step_end(self, *a, **k):
+            self.stamps.append(time.perf_counter())
+
+    clock = Clock()
+    targs = SentenceTransformerTrainingArguments(
+        output_dir=str(work / "st_run"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+        learning_rate=args.lr, warmup_ratio=args.warmup_frac, weight_decay=0.01, max_grad_norm=1.0,
+        bf16=args.precision.startswith("bf16"), dataloader_num_workers=args.workers, report_to="none",
+        save_strategy="no", logging_steps=10**6, seed=args.seed, use_cpu=args.device == "cpu",
+    )  # fmt: skip
+    trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=Dataset.from_dict(cols),
+                                         loss=MarginMSELoss(model), callbacks=[clock])  # fmt: skip
+    trainer.train()
+    s = clock.stamps
+    steps = len(s) - 1
+    out = {"steps": steps, "queries_per_step": args.batch_size, "seconds": s[-1] - s[0],
+           "queries_per_s": steps * args.batch_size / (s[-1] - s[0])}  # fmt: skip
+    if steps > args.warmup:
+        steady = s[-1] - s[args.warmup]
+        out |= {"steady_seconds": steady, "steady_queries_per_s": (steps - args.warmup) * args.batch_size / steady}
+    return out
+
+
+def _autocast(device: str):
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+
+def kdir_eval(args) -> dict:
+    from kdir.data.dataset import IRDataset
+    from kdir.evaluation import RetrievalEvaluator
+    from kdir.students import DualEncoder
+
+    evaluator = RetrievalEvaluator(IRDataset.from_beir(SHARED / "data/scifact", "test"), METRICS, depth=1000,
+                                   batch_size=args.eval_batch_size)  # fmt: skip
+    model = DualEncoder(str(L3), pooling="mean", similarity="cosine", query_max_length=64, doc_max_length=128)
+    model = model.to(args.device)
+    start = time.perf_counter()
+    with _autocast(args.device):
+        metrics, _ = evaluator.evaluate(model, device=args.device, progress=False)
+    return {"seconds": time.perf_counter() - start, "metrics": metrics}
+
+
+def st_eval(args) -> dict:
+    import faiss
+    import ir_measures
+    from sentence_transformers import SentenceTransformer
+
+    from kdir.data.dataset import IRDataset
+
+    ds = IRDataset.from_beir(SHARED / "data/scifact", "test")
+    model = SentenceTransformer(str(L3), device=args.device)
+    model.max_seq_length = 128
+    start = time.perf_counter()
+    with _autocast(args.device):
+        kw = dict(batch_size=args.eval_batch_size, normalize_embeddings=True, convert_to_numpy=True)
+        q = model.encode(list(ds.queries.texts), **kw)
+        d = model.encode(list(ds.corpus.texts), **kw)
+    index = faiss.IndexFlatIP(d.shape[1])
+    index.add(d.astype(np.float32))
+    scores, rows = index.search(q.astype(np.float32), 1000)
+    run = {qid: {ds.corpus.ids[r]: float(s) for r, s in zip(rr, ss)}
+           for qid, rr, ss in zip(ds.queries.ids, rows, scores)}  # fmt: skip
+    qrels = {q: dict(r) for q, r in ds.qrels.items()}
+    metrics = {str(k): v for k, v in ir_measures.calc_aggregate(list(map(ir_measures.parse_measure, METRICS)),
+                                                                 qrels, run).items()}  # fmt: skip
+    return {"seconds": time.perf_counter() - start, "metrics": metrics}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", type=Path, default=Path("outputs/scifact_kd/ce.store"), help="teacher score store")
+    p.add_argument("--negatives", type=Path, default=Path("outputs/scifact_kd/mine_l6/negatives.trec"))
+    p.add_argument("--depth", type=int, default=20, help="negatives drawn from each query's top-depth")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5, help="batches left out of the steady rate")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--warmup-frac", type=float, default=0.1)
+    p.add_argument("--workers", type=int, default=0, help="data-loader workers, both frameworks")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip", choices=["train", "eval"], action="append", default=[])
+    p.add_argument("--out", type=Path, help="save the figures as JSON")
+    args = p.parse_args()
+    args.accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
+    args.precision = "bf16-mixed" if args.accelerator == "gpu" else "32-true"
+    logging.basicConfig(level=logging.WARNING)
+    hw = torch.cuda.get_device_name(0) if args.accelerator == "gpu" else f"{platform.processor() or platform.machine()}"
+    result: dict = {"device": args.device, "hardware": hw, "cpu_cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "precision": args.precision}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if "train" not in args.skip:
+            triples = work / "triples.tsv"
+            n = write_triples(args.store, args.negatives, args.depth, triples, args.seed)
+            result["train"] = {"triples": n, "steps": args.steps, "batch_size": args.batch_size,
+                               "st": st_train(triples, args, work), "kdir": kdir_train(triples, args, work)}  # fmt: skip
+        if "eval" not in args.skip:
+            result["eval"] = {"st": st_eval(args), "kdir": kdir_eval(args)}
+    report(result)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def report(r: dict) -> None:
+    print(f"\nkdir vs sentence-transformers on {r['hardware']} ({r['device']}, {r['cpu_cores']} cores, "
+          f"{r['torch_threads']} torch threads, {r['precision']})")  # fmt: skip
+    if "train" in r:
+        t, k, s = r["train"], r["train"]["kdir"], r["train"]["st"]
+        print(f"\nMargin-MSE training, L3 student, {t['steps']} steps x batch {t['batch_size']} "
+              f"({t['triples']} SciFact triples with cached cross-encoder margins)")  # fmt: skip
+        print(f"  {'':34}{'kdir':>12}{'sent-trans':>12}{'kdir / ST':>12}")
+        print(f"  {'training loop (s)':34}{k['seconds']:>12.1f}{s['seconds']:>12.1f}{k['seconds'] / s['seconds']:>12.2f}")
+        print(f"  {'queries/s':34}{k['queries_per_s']:>12.2f}{s['queries_per_s']:>12.2f}"
+              f"{k['queries_per_s'] / s['queries_per_s']:>12.2f}")  # fmt: skip
+        if "steady_queries_per_s" in k and "steady_queries_per_s" in s:
+            a, b = k["steady_queries_per_s"], s["steady_queries_per_s"]
+            print(f"  {'queries/s after warm-up':34}{a:>12.2f}{b:>12.2f}{a / b:>12.2f}")
+    if "eval" in r:
+        k, s = r["eval"]["kdir"], r["eval"]["st"]
+        print("\nSciFact test evaluation, zero-shot L3 (encode 300 queries + 5,183 docs, exact top 1000, ir-measures)")
+        print(f"  {'':34}{'kdir':>12}{'sent-trans':>12}{'ST / kdir':>12}")
+        print(f"  {'wall time (s)':34}{k['seconds']:>12.1f}{s['seconds']:>12.1f}{s['seconds'] / k['seconds']:>12.2f}")
+        for m in METRICS:
+            print(f"  {m:34}{k['metrics'][m]:>12.4f}{s['metrics'][m]:>12.4f}")
+
+
+if __name__ == "__main__":
+    main()

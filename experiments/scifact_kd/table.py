@@ -1,0 +1,131 @@
+"""Results table (Markdown) and bar chart (PNG) of the SciFact KD study, from the recorded runs.
+
+    python experiments/scifact_kd/table.py experiments/scifact_kd/results
+
+Reads ``<results>/<row>.json`` (written by ``record.py``; students as ``<row>_s<seed>.json``), writes
+``<results>/results.md`` and ``<results>/chart.png`` and prints the table. Rows without records are listed
+as not run. Gap closed = (student − L3 zero-shot) / (teacher − L3 zero-shot), on nDCG@10.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+METRICS = ("nDCG@10", "R@100", "RR@10")
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    kind: str  # zero-shot | teacher | student
+    teacher: str | None = None  # the row whose score is the teacher's (gap closed)
+
+
+ROWS = (
+    Row("l3_zero", "paraphrase-MiniLM-L3-v2 (student init), 128 tokens", "zero-shot"),
+    Row("l6_zero", "all-MiniLM-L6-v2 (teacher init), 256 tokens", "zero-shot"),
+    Row("l6_zero_128", "all-MiniLM-L6-v2, 128 tokens (EmbedDistill's DE teacher)", "zero-shot"),
+    Row("teacher_ce", "cross-encoder from L6, re-ranks L6 top 50", "teacher"),
+    Row("teacher_colbert", "ColBERT from L6, exhaustive MaxSim", "teacher"),
+    Row("teacher_collective", "collective teacher: ColBERT + PRF expansion, re-ranks its top 100", "teacher"),
+    Row("infonce", "L3, InfoNCE hard labels (in-batch + mined), no KD", "student"),
+    Row("margin_mse", "L3, Margin-MSE (CE teacher, cached scores)", "student", "teacher_ce"),
+    Row("tct_colbert", "L3, TCT-ColBERT in-batch KL (ColBERT online)", "student", "teacher_colbert"),
+    Row("embeddistill_asym", "L3 query tower + frozen L6 doc tower, EmbedDistill", "student", "l6_zero_128"),
+    Row("embeddistill_sym", "L3, EmbedDistill symmetric (L6 DE teacher)", "student", "l6_zero_128"),
+    Row("collective_kd", "ColBERT student (init: the teacher), CollectiveKD", "student", "teacher_collective"),
+)
+
+
+def load(results: Path, row: Row) -> list[dict]:
+    if row.kind != "student":
+        path = results / f"{row.key}.json"
+        return [json.loads(path.read_text())] if path.exists() else []
+    return [json.loads(p.read_text()) for p in sorted(results.glob(f"{row.key}_s*.json"))]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: list[float]) -> str:
+    m, s = mean_std(values)
+    return f"{m:.4f}" if len(values) == 1 else f"{m:.4f} ± {s:.4f}"
+
+
+def best_val(record: dict) -> float | None:
+    vals = [v["val/nDCG@10"] for v in record.get("val", []) if "val/nDCG@10" in v]
+    return max(vals) if vals else None
+
+
+def build(results: Path) -> tuple[str, list[tuple[str, float, float]]]:
+    records = {row.key: load(results, row) for row in ROWS}
+    base = records["l3_zero"][0]["metrics"]["nDCG@10"] if records["l3_zero"] else None
+    head = "| row | model | n | nDCG@10 | R@100 | RR@10 | gap closed | dev nDCG@10 | wall time / run |"
+    lines = [head, "|" + "---|" * 9]
+    bars = []
+    for row in ROWS:
+        recs = records[row.key]
+        if not recs:
+            lines.append(f"| {row.key} | {row.label} | 0 | not run | | | | | |")
+            continue
+        cols = [fmt([r["metrics"][m] for r in recs]) for m in METRICS]
+        gap = ""
+        teacher = records.get(row.teacher or "", [])
+        if base is not None and teacher:
+            t = teacher[0]["metrics"]["nDCG@10"]
+            gaps = [(r["metrics"]["nDCG@10"] - base) / (t - base) for r in recs]
+            gap = f"{mean_std(gaps)[0]:+.0%}" + (f" (of {t:.4f})" if row.teacher else "")
+        vals = [v for v in (best_val(r) for r in recs) if v is not None]
+        dev = fmt(vals) if vals else ""
+        secs = statistics.fmean(r["seconds"] for r in recs)
+        lines.append(f"| {row.key} | {row.label} | {len(recs)} | " + " | ".join(cols) + f" | {gap} | {dev} | "
+                     f"{secs / 60:.1f} min |")  # fmt: skip
+        bars.append((row.key, *mean_std([r["metrics"]["nDCG@10"] for r in recs])))
+    hw = next((r[0]["hardware"] for r in records.values() if r), "")
+    lines.append(f"\nHardware: {hw}. n = seeds (students) or runs. Student test metrics are the checkpoint with the "
+                 "best dev nDCG@10 (100 held-out train queries).")  # fmt: skip
+    return "\n".join(lines) + "\n", bars
+
+
+def chart(bars: list[tuple[str, float, float]], base: float | None, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, means, stds = zip(*bars)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1.2))
+    colors = ["#9e9e9e" if n.endswith("zero") or "zero_" in n else "#f28e2b" if n.startswith("teacher")
+              else "#4e79a7" for n in names]  # fmt: skip
+    ax.barh(names, means, xerr=stds, color=colors, capsize=3)
+    for y, m in enumerate(means):
+        ax.text(m + 0.005, y, f"{m:.3f}", va="center", fontsize=8)
+    if base is not None:
+        ax.axvline(base, color="black", lw=0.8, ls="--", label="L3 zero-shot")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("SciFact test nDCG@10 (mean ± std over seeds)")
+    ax.set_xlim(0.3, max(means) + 0.08)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    results = Path(sys.argv[1] if len(sys.argv) > 1 else "experiments/scifact_kd/results")
+    table, bars = build(results)
+    (results / "results.md").write_text(table)
+    print(table)
+    if bars:
+        base = next((m for k, m, _ in bars if k == "l3_zero"), None)
+        chart(bars, base, results / "chart.png")
+        print(f"wrote {results / 'results.md'} and {results / 'chart.png'}")
+
+
+if __name__ == "__main__":
+    main()

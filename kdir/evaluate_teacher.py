@@ -1,0 +1,54 @@
+"""Evaluate a teacher without training it: ``python -m kdir.evaluate_teacher teacher=<option> teacher_eval=<option>``.
+
+Re-ranks a first-stage run (``RerankEvaluator``) or retrieves end to end (ColBERT, ``MaxSimEvaluator``) with any
+teacher of the ``teacher`` group, e.g. the collective ColBERT with the expansions of the evaluated queries;
+writes ``run.trec`` and ``metrics.json`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import kdir  # noqa: F401  (registers config resolvers)
+from kdir.errors import KdirError
+from kdir.metrics import write_trec_run
+from kdir.utils import print_metrics, resolve_device, save_json
+
+log = logging.getLogger("kdir.evaluate_teacher")
+
+
+def evaluate_teacher(cfg: DictConfig) -> dict[str, float]:
+    out = Path(cfg.paths.output_dir)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    if not cfg.get("teacher_eval"):
+        raise KdirError("choose how to evaluate the teacher: teacher_eval=rerank_scifact|maxsim_scifact|...")
+    evaluator = instantiate(cfg.teacher_eval)
+    device = resolve_device(cfg.device)
+    model = instantiate(cfg.teacher.model).freeze().to(device)
+    log.info("evaluating %s on %s (%s)", type(model).__name__, evaluator.dataset.name, device)
+    start = time.perf_counter()
+    metrics, run = evaluator.evaluate(model, progress=cfg.progress)
+    seconds = time.perf_counter() - start
+    write_trec_run(run, out / "run.trec", tag=cfg.run_name)
+    save_json({"dataset": evaluator.dataset.name, "metrics": metrics, "seconds": seconds}, out / "metrics.json")
+    print_metrics({cfg.run_name: metrics}, title=f"{evaluator.dataset.name} (teacher, {seconds:.1f} s)")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate_teacher")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return evaluate_teacher(cfg).get("nDCG@10")
+    except (KdirError, FileNotFoundError, ValueError, KeyError) as e:
+        log.error("%s: %s", type(e).__name__, e)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

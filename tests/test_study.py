@@ -1,0 +1,88 @@
+"""The SciFact study's bookkeeping (record.py, table.py) and the training-throughput callback, by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from conftest import ROOT
+
+from kdir.callbacks import Throughput
+
+STUDY = ROOT / "experiments" / "scifact_kd"
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"scifact_kd_{name}", STUDY / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve their module
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_throughput_overall_and_after_warmup():
+    t = Throughput(warmup_steps=2)
+    t.stamps = [10.0, 11.0, 12.0, 14.0, 16.0]  # 4 batches
+    s = t.summary(queries_per_step=32)
+    assert s["steps"] == 4 and s["seconds"] == 6.0
+    assert s["queries_per_s"] == pytest.approx(4 * 32 / 6)
+    assert s["steady_seconds"] == 4.0 and s["steady_queries_per_s"] == pytest.approx(2 * 32 / 4)
+    t.warmup_steps = 4
+    assert "steady_seconds" not in t.summary(32)  # nothing left after the warm-up
+
+
+def test_throughput_leaves_validation_out(monkeypatch):
+    import kdir.callbacks as cb
+
+    clock = iter([0.0, 1.0, 5.0, 25.0, 26.0])  # train start, batch, val start, val end, batch
+    monkeypatch.setattr(cb.time, "perf_counter", lambda: next(clock))
+    t = Throughput(warmup_steps=0)
+    t.on_train_start(None, None)
+    t.on_train_batch_end(None, None, None, None, 0)
+    t.on_validation_start(None, None)
+    t.on_validation_end(None, None)
+    t.on_train_batch_end(None, None, None, None, 1)
+    assert t.stamps == [0.0, 1.0, 6.0]  # 20 s of validation removed
+    assert t.summary(8)["queries_per_s"] == pytest.approx(16 / 6)
+
+
+def _rec(ndcg: float, seconds: float = 60.0, val: list | None = None) -> str:
+    metrics = {"nDCG@10": ndcg, "R@100": 0.9, "RR@10": ndcg - 0.05}
+    return json.dumps({"seconds": seconds, "metrics": metrics, "val": val or [], "hardware": "test cpu"})
+
+
+def test_results_table_means_stds_and_gap_closed(tmp_path):
+    table = _module("table")
+    (tmp_path / "l3_zero.json").write_text(_rec(0.5))
+    (tmp_path / "teacher_ce.json").write_text(_rec(0.7))
+    (tmp_path / "margin_mse_s1.json").write_text(_rec(0.58, 100, [{"epoch": 0, "step": 9, "val/nDCG@10": 0.3},
+                                                                  {"epoch": 1, "step": 19, "val/nDCG@10": 0.4}]))
+    (tmp_path / "margin_mse_s2.json").write_text(_rec(0.60, 200, [{"epoch": 0, "step": 9, "val/nDCG@10": 0.5}]))
+    text, bars = table.build(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| margin_mse |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "2"
+    assert cells[3] == "0.5900 ± 0.0141"  # mean and sample std of 0.58, 0.60
+    assert cells[6].startswith("+45%")  # (0.59 - 0.5) / (0.7 - 0.5)
+    assert cells[7] == "0.4500 ± 0.0707"  # best dev score of each seed: 0.4 and 0.5
+    assert cells[8] == "2.5 min"
+    assert "| infonce |" in text and "not run" in text
+    assert [b[0] for b in bars] == ["l3_zero", "teacher_ce", "margin_mse"]
+
+
+def test_record_reads_the_validation_curve_and_test_metrics(tmp_path):
+    record = _module("record")
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text(
+        "epoch,step,train/loss,val/nDCG@10,val/R@100\n0,5,1.2,,\n0,9,,0.25,0.8\n1,19,,0.5,0.9\n"
+    )
+    (tmp_path / "metrics.json").write_text(json.dumps({"untrained": {"nDCG@10": 0.1}, "trained": {"nDCG@10": 0.4}}))
+    assert record.val_curve(tmp_path) == [
+        {"epoch": 0, "step": 9, "val/nDCG@10": 0.25, "val/R@100": 0.8},
+        {"epoch": 1, "step": 19, "val/nDCG@10": 0.5, "val/R@100": 0.9},
+    ]
+    assert record.test_metrics(tmp_path) == {"nDCG@10": 0.4}
+    (tmp_path / "metrics.json").write_text(json.dumps({"metrics": {"nDCG@10": 0.7}, "train_seconds": 3.0}))
+    assert record.test_metrics(tmp_path) == {"nDCG@10": 0.7}
