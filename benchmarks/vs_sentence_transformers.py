@@ -85,8 +85,8 @@ def kdir_train(triples: Path, args, work: Path) -> dict:
             {"_target_": "kdir.data.examples.TripleExamples", "path": str(triples), "format": "margin_scores"}
         )
         cfg.eval = OmegaConf.create({"val": None, "test": None})
-        cfg.callbacks = OmegaConf.create({"throughput": {"_target_": "kdir.callbacks.Throughput",
-                                                         "warmup_steps": args.warmup, "output_dir": str(out)}})  # fmt: skip
+        clock = {"_target_": "kdir.callbacks.Throughput", "warmup_steps": args.warmup, "output_dir": str(out)}
+        cfg.callbacks = OmegaConf.create({"throughput": clock})
         cfg.run_name = "bench"
     out.mkdir(parents=True, exist_ok=True)
     train(cfg)
@@ -210,7 +210,9 @@ def main() -> None:
     args.accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
     args.precision = "bf16-mixed" if args.accelerator == "gpu" else "32-true"
     logging.basicConfig(level=logging.WARNING)
-    hw = torch.cuda.get_device_name(0) if args.accelerator == "gpu" else f"{platform.processor() or platform.machine()}"
+    hw = (
+        torch.cuda.get_device_name(0) if args.accelerator == "gpu" else f"{platform.processor() or platform.machine()}"
+    )
     result: dict = {"device": args.device, "hardware": hw, "cpu_cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "precision": args.precision}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,8 +220,9 @@ def main() -> None:
         if "train" not in args.skip:
             triples = work / "triples.tsv"
             n = write_triples(args.store, args.negatives, args.depth, triples, args.seed)
-            result["train"] = {"triples": n, "steps": args.steps, "batch_size": args.batch_size,
-                               "st": st_train(triples, args, work), "kdir": kdir_train(triples, args, work)}  # fmt: skip
+            result["train"] = {"triples": n, "steps": args.steps, "batch_size": args.batch_size}
+            result["train"]["st"] = st_train(triples, args, work)
+            result["train"]["kdir"] = kdir_train(triples, args, work)
         if "eval" not in args.skip:
             result["eval"] = {"st": st_eval(args), "kdir": kdir_eval(args)}
     report(result)
@@ -236,7 +239,9 @@ def report(r: dict) -> None:
         print(f"\nMargin-MSE training, L3 student, {t['steps']} steps x batch {t['batch_size']} "
               f"({t['triples']} SciFact triples with cached cross-encoder margins)")  # fmt: skip
         print(f"  {'':34}{'kdir':>12}{'sent-trans':>12}{'kdir / ST':>12}")
-        print(f"  {'training loop (s)':34}{k['seconds']:>12.1f}{s['seconds']:>12.1f}{k['seconds'] / s['seconds']:>12.2f}")
+        print(
+            f"  {'training loop (s)':34}{k['seconds']:>12.1f}{s['seconds']:>12.1f}{k['seconds'] / s['seconds']:>12.2f}"
+        )
         print(f"  {'queries/s':34}{k['queries_per_s']:>12.2f}{s['queries_per_s']:>12.2f}"
               f"{k['queries_per_s'] / s['queries_per_s']:>12.2f}")  # fmt: skip
         if "steady_queries_per_s" in k and "steady_queries_per_s" in s:

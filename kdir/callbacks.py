@@ -59,7 +59,8 @@ class Throughput(pl.Callback):
         dm = getattr(trainer, "datamodule", None)
         per_step = getattr(dm, "batch_size", 0) * trainer.world_size
         s = self.summary(per_step)
-        log.info("training throughput: %d batches in %.1f s, %.1f queries/s (%.1f after %d warm-up steps)", s["steps"],
-                 s["seconds"], s["queries_per_s"], s.get("steady_queries_per_s", float("nan")), self.warmup_steps)  # fmt: skip
+        steady = s.get("steady_queries_per_s", float("nan"))
+        log.info("training throughput: %d batches in %.1f s, %.1f queries/s (%.1f after %d warm-up batches)",
+                 s["steps"], s["seconds"], s["queries_per_s"], steady, self.warmup_steps)  # fmt: skip
         if self.output_dir is not None:
             save_json(s, Path(self.output_dir) / "throughput.json")

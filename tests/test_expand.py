@@ -439,10 +439,10 @@ def test_collective_teacher_evaluated_on_expanded_test_queries(colbert_dir, quic
     ds = IRDataset.from_beir(data, "test")
     assert len(ExpansionStore.open(tmp_path / "store")) == len(ds.queries) == 200
     r = run_cli("kdir.evaluate_teacher", "teacher=collective", f"teacher.model.path={colbert_dir}",
-                f"teacher.model.expansion={tmp_path / 'store'}", "teacher.model.dim=16", "teacher.model.query_max_length=8",
-                "teacher.model.doc_max_length=64", "teacher_eval=rerank_quickstart",
-                f"teacher_eval.run_file={tmp_path / 'store' / 'ranking.trec'}", "teacher_eval.depth=5",
-                "progress=false", f"hydra.run.dir={tmp_path / 'eval'}")  # fmt: skip
+                f"teacher.model.expansion={tmp_path / 'store'}", "teacher.model.dim=16",
+                "teacher.model.query_max_length=8", "teacher.model.doc_max_length=64",
+                "teacher_eval=rerank_quickstart", f"teacher_eval.run_file={tmp_path / 'store' / 'ranking.trec'}",
+                "teacher_eval.depth=5", "progress=false", f"hydra.run.dir={tmp_path / 'eval'}")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert set(metrics) >= {"nDCG@10"} and 0 <= metrics["nDCG@10"] <= 1
@@ -457,6 +457,10 @@ def test_collective_teacher_evaluated_on_expanded_test_queries(colbert_dir, quic
     direct = teacher.score([ds.queries.texts[0]], [ds.corpus.texts[ds.corpus.index[p]] for p in pids],
                            np.arange(5)[None], query_keys=id_hashes([qid]))[0]  # fmt: skip
     assert np.allclose([run[qid][p] for p in pids], direct.numpy(), atol=1e-4)
-    plain = ColBERT.from_pretrained(colbert_dir, dim=16, similarity="l2", query_max_length=8, doc_max_length=64).freeze()
-    without = plain.score([ds.queries.texts[0]], [ds.corpus.texts[ds.corpus.index[p]] for p in pids], np.arange(5)[None])
+    plain = ColBERT.from_pretrained(
+        colbert_dir, dim=16, similarity="l2", query_max_length=8, doc_max_length=64
+    ).freeze()
+    without = plain.score(
+        [ds.queries.texts[0]], [ds.corpus.texts[ds.corpus.index[p]] for p in pids], np.arange(5)[None]
+    )
     assert not np.allclose(without.numpy(), direct.numpy())  # the expansion took part
