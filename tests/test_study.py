@@ -70,6 +70,9 @@ def test_results_table_means_stds_and_gap_closed(tmp_path):
     assert cells[7] == "0.4500 ± 0.0707"  # best dev score of each seed: 0.4 and 0.5
     assert cells[8] == "1.7 min"  # the fastest seed
     assert "| infonce |" in text and "not run" in text
+    (tmp_path / "teacher_ce.json").write_text(_rec(0.45))  # a teacher below the student's start: no gap to close
+    text, _ = table.build(tmp_path)
+    assert "n/a (teacher 0.4500 ≤ L3)" in text
     assert [b[0] for b in bars] == ["l3_zero", "teacher_ce", "margin_mse"]
 
 

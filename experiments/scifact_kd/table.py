@@ -80,8 +80,11 @@ def build(results: Path) -> tuple[str, list[tuple[str, float, float]]]:
         teacher = records.get(row.teacher or "", [])
         if base is not None and teacher:
             t = teacher[0]["metrics"]["nDCG@10"]
-            gaps = [(r["metrics"]["nDCG@10"] - base) / (t - base) for r in recs]
-            gap = f"{mean_std(gaps)[0]:+.0%}" + (f" (of {t:.4f})" if row.teacher else "")
+            if t > base:
+                gaps = [(r["metrics"]["nDCG@10"] - base) / (t - base) for r in recs]
+                gap = f"{mean_std(gaps)[0]:+.0%} (of {t:.4f})"
+            else:  # nothing to close: the teacher is not above the student's start
+                gap = f"n/a (teacher {t:.4f} ≤ L3)"
         vals = [v for v in (best_val(r) for r in recs) if v is not None]
         dev = fmt(vals) if vals else ""
         secs = min(r["seconds"] for r in recs)  # the least disturbed run
