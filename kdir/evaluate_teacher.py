@@ -23,6 +23,18 @@ from kdir.utils import print_metrics, resolve_device, save_json
 log = logging.getLogger("kdir.evaluate_teacher")
 
 
+def evaluate_and_save(evaluator, model, out: Path, run_name: str, progress: bool = True, **extra) -> dict[str, float]:
+    """Evaluate a teacher; write ``run.trec`` and ``metrics.json`` (+ ``extra`` fields) to ``out``; print a table."""
+    start = time.perf_counter()
+    metrics, run = evaluator.evaluate(model, progress=progress)
+    seconds = time.perf_counter() - start
+    write_trec_run(run, out / "run.trec", tag=run_name)
+    record = {"dataset": evaluator.dataset.name, "metrics": metrics, "eval_seconds": seconds, **extra}
+    save_json(record, out / "metrics.json")
+    print_metrics({run_name: metrics}, title=f"{evaluator.dataset.name} (teacher, {seconds:.1f} s)")
+    return metrics
+
+
 def evaluate_teacher(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.paths.output_dir)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
@@ -32,13 +44,7 @@ def evaluate_teacher(cfg: DictConfig) -> dict[str, float]:
     device = resolve_device(cfg.device)
     model = instantiate(cfg.teacher.model).freeze().to(device)
     log.info("evaluating %s on %s (%s)", type(model).__name__, evaluator.dataset.name, device)
-    start = time.perf_counter()
-    metrics, run = evaluator.evaluate(model, progress=cfg.progress)
-    seconds = time.perf_counter() - start
-    write_trec_run(run, out / "run.trec", tag=cfg.run_name)
-    save_json({"dataset": evaluator.dataset.name, "metrics": metrics, "seconds": seconds}, out / "metrics.json")
-    print_metrics({cfg.run_name: metrics}, title=f"{evaluator.dataset.name} (teacher, {seconds:.1f} s)")
-    return metrics
+    return evaluate_and_save(evaluator, model, out, cfg.run_name, cfg.progress)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate_teacher")

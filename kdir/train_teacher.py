@@ -19,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import KdirError
+from kdir.evaluate_teacher import evaluate_and_save
 from kdir.losses import InfoNCE
-from kdir.metrics import write_trec_run
 from kdir.module import DistillModule
 from kdir.teachers import CrossEncoder
-from kdir.utils import instantiate_group, print_metrics, save_json
+from kdir.utils import instantiate_group
 
 log = logging.getLogger("kdir.train_teacher")
 
@@ -48,13 +48,9 @@ def train_teacher(cfg: DictConfig) -> dict[str, float]:
         model.save_pretrained(out / "teacher")
         log.info("teacher saved to %s", out / "teacher")
         if cfg.get("teacher_eval"):
-            evaluator = instantiate(cfg.teacher_eval)
-            start = time.perf_counter()
-            metrics, run = evaluator.evaluate(model.to(trainer.strategy.root_device))  # fit ends on the CPU
-            write_trec_run(run, out / "run.trec", tag=cfg.run_name)
-            save_json({"metrics": metrics, "train_seconds": train_seconds,
-                       "eval_seconds": time.perf_counter() - start}, out / "metrics.json")  # fmt: skip
-            print_metrics({cfg.run_name: metrics}, title=f"{evaluator.dataset.name} (teacher)")
+            model = model.to(trainer.strategy.root_device)  # fit ends on the CPU
+            metrics = evaluate_and_save(instantiate(cfg.teacher_eval), model, out, cfg.run_name,
+                                        train_seconds=train_seconds)  # fmt: skip
     return metrics
 
 
