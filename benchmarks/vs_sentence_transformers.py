@@ -40,7 +40,7 @@ def write_triples(store: Path, negatives: Path, depth: int, out: Path, seed: int
     """Hofstätter-format triples ``pos_score neg_score qid pos neg``: every (train query, positive) of
     ``data=scifact`` with one negative drawn from its top-``depth`` run candidates, scored from the store."""
     from kdir.data.dataset import IRDataset, holdout
-    from kdir.data.readers import read_trec_run, top_ranked
+    from kdir.data.formats import read_trec_run, top_ranked
     from kdir.stores import ScoreStore, pair_keys_from_ids
 
     ds = holdout(IRDataset.from_beir(SHARED / "data/scifact", "train"), size=100, part="rest", seed=0)
@@ -85,7 +85,7 @@ def kdir_train(triples: Path, args, work: Path) -> dict:
             {"_target_": "kdir.data.examples.TripleExamples", "path": str(triples), "format": "margin_scores"}
         )
         cfg.eval = OmegaConf.create({"val": None, "test": None})
-        clock = {"_target_": "kdir.callbacks.Throughput", "warmup_steps": args.warmup, "output_dir": str(out)}
+        clock = {"_target_": "kdir.training.callbacks.Throughput", "warmup_steps": args.warmup, "output_dir": str(out)}
         cfg.callbacks = OmegaConf.create({"throughput": clock})
         cfg.run_name = "bench"
     out.mkdir(parents=True, exist_ok=True)
@@ -151,8 +151,8 @@ def _autocast(device: str):
 
 def kdir_eval(args) -> dict:
     from kdir.data.dataset import IRDataset
-    from kdir.evaluation import RetrievalEvaluator
-    from kdir.students import DualEncoder
+    from kdir.retrieval.evaluators import RetrievalEvaluator
+    from kdir.models import DualEncoder
 
     evaluator = RetrievalEvaluator(IRDataset.from_beir(SHARED / "data/scifact", "test"), METRICS, depth=1000,
                                    batch_size=args.eval_batch_size)  # fmt: skip

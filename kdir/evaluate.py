@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import KdirError
-from kdir.metrics import write_trec_run
+from kdir.retrieval.metrics import write_trec_run
 from kdir.utils import print_metrics, resolve_device, save_json
 
 log = logging.getLogger("kdir.evaluate")

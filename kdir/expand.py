@@ -41,13 +41,13 @@ from tqdm.auto import tqdm
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.data.dataset import IRDataset, TextStore
-from kdir.data.readers import read_trec_run, top_ranked
+from kdir.data.formats import read_trec_run, top_ranked
 from kdir.errors import KdirError
-from kdir.metrics import Run, run_from_topk, write_trec_run
+from kdir.models.base import to_device
+from kdir.models.colbert import ColBERT, maxsim
+from kdir.retrieval.metrics import Run, run_from_topk, write_trec_run
 from kdir.stores import ExpansionStore, id_hashes
 from kdir.stores.expansion_store import check_writable
-from kdir.teachers.base import to_device
-from kdir.teachers.colbert import ColBERT, maxsim
 from kdir.utils import resolve_device
 
 log = logging.getLogger("kdir.expand")
@@ -403,8 +403,8 @@ def _ranking(
 
 def expand(cfg: DictConfig) -> ExpansionStore:
     """Run the stage; returns the written store (its folder also holds ``ranking.trec``)."""
-    from kdir.retrieval import build_index
-    from kdir.teachers.signal import teacher_meta
+    from kdir.retrieval.search import build_index
+    from kdir.training.signal import teacher_meta
 
     _check(cfg)
     torch.manual_seed(cfg.seed)

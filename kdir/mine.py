@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.data.dataset import IRDataset
 from kdir.errors import KdirError
-from kdir.evaluation import RetrievalEvaluator
-from kdir.metrics import Run, write_trec_run
+from kdir.retrieval.evaluators import RetrievalEvaluator
+from kdir.retrieval.metrics import Run, write_trec_run
 from kdir.utils import print_metrics, resolve_device, save_json
 
 log = logging.getLogger("kdir.mine")

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import KdirError
-from kdir.module import DistillModule
+from kdir.training.module import DistillModule
 from kdir.utils import instantiate_group, print_metrics, save_json
 
 log = logging.getLogger("kdir.run")

@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.data.dataset import IRDataset
 from kdir.data.examples import QrelsExamples, RunNegatives, TripleExamples, positive_keys
-from kdir.data.readers import read_trec_run, top_ranked
+from kdir.data.formats import read_trec_run, top_ranked
 from kdir.errors import KdirError
 from kdir.stores import ScoreStore, id_hashes, pair_keys
-from kdir.teachers.signal import teacher_meta
+from kdir.training.signal import teacher_meta
 
 log = logging.getLogger("kdir.score")
 

@@ -21,8 +21,8 @@ import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import KdirError
 from kdir.evaluate_teacher import evaluate_and_save
 from kdir.losses import InfoNCE
-from kdir.module import DistillModule
-from kdir.teachers import CrossEncoder
+from kdir.models import CrossEncoder
+from kdir.training.module import DistillModule
 from kdir.utils import instantiate_group
 
 log = logging.getLogger("kdir.train_teacher")

@@ -25,14 +25,14 @@ def kdir_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def quickstart(kdir_cache) -> dict[str, Path]:
-    from kdir.quickstart import ensure
+    from kdir.data.quickstart import ensure
 
     return {"data": Path(ensure("data")), "model": Path(ensure("model"))}
 
 
 @pytest.fixture(scope="session")
 def tiny_student(quickstart):
-    from kdir.students import DualEncoder
+    from kdir.models import DualEncoder
 
     return DualEncoder(quickstart["model"], pooling="mean", query_max_length=16, doc_max_length=32)
 

@@ -9,8 +9,9 @@ import torch
 from kdir.data.collate import TrainCollator, candidate_columns
 from kdir.data.dataset import IRDataset
 from kdir.errors import KdirError
+from kdir.models import BiEncoder
 from kdir.stores import ScoreStore, pair_keys_from_ids
-from kdir.teachers import BiEncoder, TeacherSignal
+from kdir.training.signal import TeacherSignal
 
 
 def test_layout_columns_put_own_positive_first():
@@ -120,7 +121,7 @@ def test_signal_config_errors():
 
 
 def test_force_positive_max_hand_computed():
-    from kdir.teachers.signal import force_positive_max
+    from kdir.training.signal import force_positive_max
 
     t = torch.tensor([[1.0, 5.0, 2.0], [7.0, 3.0, 9.0], [4.0, 8.0, 0.0]])
     out = force_positive_max(t, torch.tensor([0, 1, -1]))  # row 2: a generated query, no positive

@@ -7,7 +7,7 @@ import pytest
 
 from kdir.data.dataset import IRDataset, holdout, load_texts
 from kdir.data.examples import QrelsExamples, RandomNegatives, RunNegatives, TripleExamples
-from kdir.data.readers import read_margin_scores, read_qrels, read_trec_run, read_tsv_texts
+from kdir.data.formats import read_margin_scores, read_qrels, read_trec_run, read_tsv_texts
 from kdir.errors import DataFormatError, EmptySplitError, UnknownIdError
 
 

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdir.distributed import all_gather_with_grad, gather_inbatch
+from kdir.training.distributed import all_gather_with_grad, gather_inbatch
 
 DIM, N_NEG, SIZES = 4, 1, (2, 3)  # rank0 holds 2 queries, rank1 holds 3, one negative each
 

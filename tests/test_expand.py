@@ -32,10 +32,10 @@ from kdir.expand import (
     relevance_feedback,
     select_expansions,
 )
-from kdir.retrieval import build_index
+from kdir.models import ColBERT, CollectiveColBERT, maxsim
+from kdir.models.collective import collective_maxsim
+from kdir.retrieval.search import build_index
 from kdir.stores import ExpansionStore, id_hashes
-from kdir.teachers import ColBERT, CollectiveColBERT, maxsim
-from kdir.teachers.collective import collective_maxsim
 
 
 def unit(degrees: float, norm: float = 1.0) -> list[float]:
@@ -446,7 +446,7 @@ def test_collective_teacher_evaluated_on_expanded_test_queries(colbert_dir, quic
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert set(metrics) >= {"nDCG@10"} and 0 <= metrics["nDCG@10"] <= 1
-    from kdir.data.readers import read_trec_run
+    from kdir.data.formats import read_trec_run
 
     run = read_trec_run(tmp_path / "eval" / "run.trec")
     teacher = CollectiveColBERT.from_pretrained(colbert_dir, expansion=tmp_path / "store", dim=16, query_max_length=8,

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from kdir.data.readers import read_trec_run
-from kdir.metrics import evaluate_run, parse_measures, write_trec_run
-from kdir.retrieval import search
+from kdir.data.formats import read_trec_run
+from kdir.retrieval.metrics import evaluate_run, parse_measures, write_trec_run
+from kdir.retrieval.search import search
 
 
 def test_flat_topk_equals_brute_force():

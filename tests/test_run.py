@@ -41,7 +41,7 @@ def test_quickstart_student_beats_its_untrained_self(tmp_path, quickstart):
         assert (tmp_path / f).is_file(), f
     assert json.loads((tmp_path / "metrics.json").read_text())["trained"]["nDCG@10"] == after["nDCG@10"]
     assert "val/nDCG@10" in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
-    speed = json.loads((tmp_path / "throughput.json").read_text())  # kdir.callbacks.Throughput
+    speed = json.loads((tmp_path / "throughput.json").read_text())  # kdir.training.callbacks.Throughput
     assert speed["queries_per_s"] > 0 and speed["steps"] > 5 and speed["queries_per_step"] == 32
 
 

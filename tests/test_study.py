@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from kdir.callbacks import Throughput
+from kdir.training.callbacks import Throughput
 
 STUDY = ROOT / "experiments" / "scifact_kd"
 
@@ -34,7 +34,7 @@ def test_throughput_overall_and_after_warmup():
 
 
 def test_throughput_leaves_validation_out(monkeypatch):
-    import kdir.callbacks as cb
+    import kdir.training.callbacks as cb
 
     clock = iter([0.0, 1.0, 5.0, 25.0, 26.0])  # train start, batch, val start, val end, batch
     monkeypatch.setattr(cb.time, "perf_counter", lambda: next(clock))

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
-from kdir.teachers import BiEncoder, ColBERT, CrossEncoder, Ensemble, Teacher, maxsim
-from kdir.teachers.base import as_candidates
+from kdir.models import BiEncoder, ColBERT, CrossEncoder, Ensemble, Teacher, maxsim
+from kdir.models.base import as_candidates
 
 SPECIAL = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = "the a cat dog sat on mat red blue fox quick brown jumps over lazy what who where is house runs".split()

@@ -57,7 +57,7 @@ T_EVAL=${TEACHER_EVAL:+teacher_eval=$TEACHER_EVAL}
   if [[ -z $TEACHER ]]; then
     TEACHER=$OUT/teacher/teacher
     if has 0; then
-      TEACHER_INIT=${TEACHER_INIT:-$(python -c "from kdir.quickstart import ensure; print(ensure('model'))")}
+      TEACHER_INIT=${TEACHER_INIT:-$(python -c "from kdir.data.quickstart import ensure; print(ensure('model'))")}
       timed 0_teacher python -m kdir.train_teacher teacher=colbert teacher.model.path="$TEACHER_INIT" $TEACHER_ARGS \
         ++teacher.model.bias=true data="$DATA" $T_EVAL hydra.run.dir="$OUT/teacher" $EXTRA $TEACHER_EXTRA
     fi

@@ -13,8 +13,8 @@ from kdir.data.examples import positive_keys
 if TYPE_CHECKING:
     from kdir.data.generated import GeneratedQueries
     from kdir.losses.base import Layout
-    from kdir.students.dual_encoder import TextFormatter
-    from kdir.teachers.signal import TeacherSignal
+    from kdir.models.dual_encoder import TextFormatter
+    from kdir.training.signal import TeacherSignal
 
 
 class Preparer(Protocol):

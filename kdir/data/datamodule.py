@@ -17,9 +17,9 @@ from kdir.data.stream import ExampleStream
 if TYPE_CHECKING:
     from kdir.data.collate import Preparer
     from kdir.data.generated import GeneratedQueries
-    from kdir.evaluation import RetrievalEvaluator
     from kdir.losses.base import Layout
-    from kdir.teachers.signal import TeacherSignal
+    from kdir.retrieval.evaluators import RetrievalEvaluator
+    from kdir.training.signal import TeacherSignal
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdir.data.readers import read_jsonl_texts, read_qrels, read_tsv_texts
+from kdir.data.formats import read_jsonl_texts, read_qrels, read_tsv_texts
 from kdir.errors import EmptySplitError, UnknownIdError
 
 

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from kdir.data.dataset import IRDataset
-from kdir.data.readers import read_id_triples, read_margin_scores, read_trec_run, top_ranked
+from kdir.data.formats import read_id_triples, read_margin_scores, read_trec_run, top_ranked
 from kdir.errors import EmptySplitError, UnknownIdError
 
 

@@ -35,7 +35,7 @@ from uuid import uuid4
 
 import numpy as np
 
-from kdir.data.readers import read_margin_scores, read_pair_scores
+from kdir.data.formats import read_margin_scores, read_pair_scores
 from kdir.errors import DataFormatError, UnknownIdError
 from kdir.stores.keys import KEY_SCHEME, pair_keys_from_ids
 

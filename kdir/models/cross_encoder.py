@@ -18,8 +18,8 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from kdir.students.dual_encoder import FP32, _load_backbone
-from kdir.teachers.base import Teacher, as_candidates, to_device
+from kdir.models.base import Teacher, as_candidates, to_device
+from kdir.models.dual_encoder import FP32, _load_backbone
 
 
 class CrossEncoder(Teacher):

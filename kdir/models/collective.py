@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from kdir.errors import KdirError
+from kdir.models.base import to_device
+from kdir.models.colbert import ColBERT, Similarity, maxsim
 from kdir.stores.expansion_store import ExpansionStore
-from kdir.teachers.base import to_device
-from kdir.teachers.colbert import ColBERT, Similarity, maxsim
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class CollectiveColBERT(ColBERT):
     """ColBERT scoring with per-query expansion vectors from an :class:`~kdir.stores.ExpansionStore`.
 
     Args:
-        model_name_or_path / dim / ...: as :class:`~kdir.teachers.ColBERT` (``similarity`` defaults to ``l2``,
+        model_name_or_path / dim / ...: as :class:`~kdir.models.ColBERT` (``similarity`` defaults to ``l2``,
             the paper's negative squared L2).
         expansion: the expansion store folder written by ``python -m kdir.expand`` for this ColBERT.
     """

@@ -22,7 +22,7 @@ from kdir.stores import ScoreStore, id_hashes, pair_keys
 
 if TYPE_CHECKING:
     from kdir.data.dataset import IRDataset
-    from kdir.teachers.base import Teacher
+    from kdir.models.base import Teacher
 
 log = logging.getLogger(__name__)
 Mode = Literal["cached", "online", "fill"]

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.utils import cached_file
 
-from kdir.students.dual_encoder import _load_backbone
-from kdir.teachers.base import Teacher, as_candidates, to_device
+from kdir.models.base import Teacher, as_candidates, to_device
+from kdir.models.dual_encoder import _load_backbone
 
 Side = Literal["query", "doc"]
 Similarity = Literal["cosine", "l2"]

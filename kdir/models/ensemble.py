@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdir.teachers.base import CONFIG_NAME, Teacher
+from kdir.models.base import CONFIG_NAME, Teacher
 
 Normalize = Literal["none", "zscore"]
 

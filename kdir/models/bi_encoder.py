@@ -1,4 +1,4 @@
-"""Bi-encoder teacher: a :class:`kdir.students.DualEncoder` used as a scorer (e.g. a stronger dense retriever).
+"""Bi-encoder teacher: a :class:`kdir.models.DualEncoder` used as a scorer (e.g. a stronger dense retriever).
 
 ``score(q, d) = <f_q(q), f_d(d)>`` (dot or cosine, as configured); each distinct document of a call is
 encoded once, the full query × document matrix computed, then gathered at the candidates.
@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from kdir.students.dual_encoder import DualEncoder
-from kdir.teachers.base import Teacher, as_candidates, to_device
+from kdir.models.base import Teacher, as_candidates, to_device
+from kdir.models.dual_encoder import DualEncoder
 
 
 class BiEncoder(Teacher):
-    """A dual-encoder teacher: takes :class:`~kdir.students.DualEncoder`'s arguments, builds one (``self.model``)."""
+    """A dual-encoder teacher: takes :class:`~kdir.models.DualEncoder`'s arguments, builds one (``self.model``)."""
 
     name = "bi_encoder"
 

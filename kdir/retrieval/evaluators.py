@@ -12,12 +12,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdir.data.collate import EncodeCollator
 from kdir.data.dataset import IRDataset
-from kdir.metrics import Run, evaluate_run, parse_measures, run_from_topk
-from kdir.retrieval import search
+from kdir.retrieval.metrics import Run, evaluate_run, parse_measures, run_from_topk
+from kdir.retrieval.search import search
 from kdir.stores import id_hashes
 
 if TYPE_CHECKING:
-    from kdir.students.dual_encoder import DualEncoder, TextFormatter
+    from kdir.models.dual_encoder import DualEncoder, TextFormatter
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class RetrievalEvaluator:
 
 
 def _candidate_lists(dataset: IRDataset, run_file: str, depth: int) -> list[np.ndarray]:
-    from kdir.data.readers import read_trec_run, top_ranked
+    from kdir.data.formats import read_trec_run, top_ranked
 
     run = read_trec_run(run_file)
     out = []
@@ -159,7 +159,7 @@ class MaxSimEvaluator(RetrievalEvaluator):
     def retrieve(self, queries: tuple[torch.Tensor, torch.Tensor], docs: tuple[torch.Tensor, torch.Tensor],
                  similarity: str = "cosine", device: str | torch.device | None = None) -> Run:  # fmt: skip
         """Top-``depth`` run from ``(embeddings [N, L, dim], mask [N, L])`` of the queries and the corpus."""
-        from kdir.teachers.colbert import maxsim
+        from kdir.models.colbert import maxsim
 
         (q, q_mask), (d, d_mask) = queries, docs
         device = device or d.device

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from kdir.evaluation import RetrievalEvaluator
 from kdir.losses.base import Candidates, Loss
-from kdir.metrics import write_trec_run
-from kdir.students.dual_encoder import DualEncoder
-from kdir.teachers.signal import TeacherSignal
+from kdir.models.dual_encoder import DualEncoder
+from kdir.retrieval.evaluators import RetrievalEvaluator
+from kdir.retrieval.metrics import write_trec_run
+from kdir.training.signal import TeacherSignal
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class DistillModule(pl.LightningModule):
     """Train ``student`` with ``loss`` (on teacher scores carried by the batch, when the loss uses them).
 
     Args:
-        student: the trained model: a :class:`~kdir.students.DualEncoder`, or a ColBERT (multi-vector, evaluated
+        student: the trained model: a :class:`~kdir.models.DualEncoder`, or a ColBERT (multi-vector, evaluated
             by MaxSim).
         loss: a :class:`~kdir.losses.base.Loss` (its parameters, e.g. an embedding-matching projection, are
             optimised with the student's).
@@ -85,7 +85,7 @@ class DistillModule(pl.LightningModule):
 
     def _gathered_scores(self, batch: dict) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """Scores against the in-batch documents of every rank (positives first over all ranks)."""
-        from kdir.distributed import gather_inbatch
+        from kdir.training.distributed import gather_inbatch
 
         if self.loss.uses_embeddings or not hasattr(self.student, "embed"):
             raise ValueError("gather_across_devices needs a single-vector student and no embedding-matching loss")

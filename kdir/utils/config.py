@@ -16,7 +16,7 @@ log = logging.getLogger("kdir")
 
 
 def _quickstart(what: str = "data") -> str:
-    from kdir.quickstart import ensure
+    from kdir.data.quickstart import ensure
 
     return ensure(what)
 

@@ -1,0 +1,3 @@
+"""Training: the LightningModule, the teacher signal (cached / online / fill), callbacks and cross-device gathers."""
+
+from __future__ import annotations
