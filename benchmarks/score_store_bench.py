@@ -96,8 +96,9 @@ def make_batches(data: dict[str, np.ndarray], args: argparse.Namespace, rng: np.
     rows = rng.integers(0, n_q, size=(args.batches, args.batch_queries))
     shape = (args.batches, args.batch_queries, args.candidates)
     hit = rng.random(shape) < args.hit_rate
-    pids = np.where(hit, data["pids"][rows[..., None], rng.integers(0, per_query, size=shape)],
-                    rng.integers(0, N_DOCS, size=shape))  # fmt: skip
+    pids = np.where(
+        hit, data["pids"][rows[..., None], rng.integers(0, per_query, size=shape)], rng.integers(0, N_DOCS, size=shape)
+    )
     # exact expectation, also for "misses" that happen to be among the query's documents
     offset = (pids - data["base"][rows][..., None]) % N_DOCS
     stride = data["stride"][rows][..., None]
@@ -164,12 +165,17 @@ def build(args: argparse.Namespace) -> dict:
 
     batches = make_batches(data, args, rng)
     batch_keys = pair_keys(q_table[batches["rows"]][..., None], d_table[batches["pids"]])
-    np.savez(out / "batches.npz", keys=batch_keys, qids=batches["qids"], pids=batches["pids"],
-             expected=batches["expected"])  # fmt: skip
+    np.savez(
+        out / "batches.npz", keys=batch_keys, qids=batches["qids"], pids=batches["pids"], expected=batches["expected"]
+    )
     res["hit_share"] = float(np.mean(~np.isnan(batches["expected"])))
     if not args.no_baseline:
-        np.savez(out / "baseline.npz", qid=np.repeat(data["qids"], per_query), pid=data["pids"].reshape(-1),
-                 score=flat_scores)  # fmt: skip
+        np.savez(
+            out / "baseline.npz",
+            qid=np.repeat(data["qids"], per_query),
+            pid=data["pids"].reshape(-1),
+            score=flat_scores,
+        )
     return res
 
 
@@ -245,8 +251,9 @@ def serve_baseline(args: argparse.Namespace) -> dict:
     nan, empty = float("nan"), {}
     with Timer() as t:
         for b in range(len(qids)):
-            got[b] = [[row.get(p, nan) for p in cands] for row, cands in zip((table.get(q, empty) for q in qids[b]),
-                                                                              pids[b])]  # fmt: skip
+            got[b] = [
+                [row.get(p, nan) for p in cands] for row, cands in zip((table.get(q, empty) for q in qids[b]), pids[b])
+            ]
     res["lookup_s"], res["keys"] = t.s, expected.size
     res["peak_rss"] = peak_rss_bytes()
     res["verified"] = bool(np.array_equal(got, expected, equal_nan=True))
@@ -254,8 +261,16 @@ def serve_baseline(args: argparse.Namespace) -> dict:
 
 
 def run_child(args: argparse.Namespace, mode: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--out", str(args.out), "--string-batches",
-           str(args.string_batches)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--out",
+        str(args.out),
+        "--string-batches",
+        str(args.string_batches),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} subprocess failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -265,9 +280,11 @@ def run_child(args: argparse.Namespace, mode: str) -> dict:
 # ---------------------------------------------------------------------------------------------------- report
 def report(args: argparse.Namespace, b: dict, k: dict, base: dict | None) -> None:
     gb, mb = 1e9, 1e6
-    print(f"kdir ScoreStore benchmark: {b['pairs']:,} pairs ({b['queries']:,} queries x {args.docs_per_query} docs, "
-          f"{N_DOCS:,}-passage id space); lookups: {args.batches:,} batches of {args.batch_queries} x "
-          f"{args.candidates} keys, {b['hit_share']:.0%} stored")  # fmt: skip
+    print(
+        f"kdir ScoreStore benchmark: {b['pairs']:,} pairs ({b['queries']:,} queries x {args.docs_per_query} docs, "
+        f"{N_DOCS:,}-passage id space); lookups: {args.batches:,} batches of {args.batch_queries} x "
+        f"{args.candidates} keys, {b['hit_share']:.0%} stored"
+    )
     print()
     print("build (parent process)")
     rows = [
@@ -275,42 +292,71 @@ def report(args: argparse.Namespace, b: dict, k: dict, base: dict | None) -> Non
         ("pair keys, vectorised", f"{b['pair_keys_s']:.2f} s  ({b['key_check']})"),
         (f"append ({b['segments']} segments)", f"{b['append_s']:.2f} s"),
         ("compact (fresh subprocess)", f"{b['compact_s']:.2f} s, peak RSS {b['compact_peak_rss'] / gb:.2f} GB"),
-        ("build total (keys + append + compact)",
-         f"{b['pair_keys_s'] + b['append_s'] + b['compact_s']:.2f} s (+ {b['hash_ids_s']:.2f} s id hashing)"),
+        (
+            "build total (keys + append + compact)",
+            f"{b['pair_keys_s'] + b['append_s'] + b['compact_s']:.2f} s (+ {b['hash_ids_s']:.2f} s id hashing)",
+        ),
         ("store on disk", f"{b['store_bytes'] / mb:,.0f} MB ({b['store_bytes'] / b['pairs']:.1f} B/pair)"),
         ("peak RSS of generating + appending", f"{b['build_peak_rss'] / gb:.2f} GB"),
-        (f"import_tsv ({b['tsv_lines']:,} lines, pairs)",
-         f"{b['import_tsv_s']:.2f} s = {b['tsv_lines'] / b['import_tsv_s']:,.0f} lines/s"),
-    ]  # fmt: skip
+        (
+            f"import_tsv ({b['tsv_lines']:,} lines, pairs)",
+            f"{b['import_tsv_s']:.2f} s = {b['tsv_lines'] / b['import_tsv_s']:,.0f} lines/s",
+        ),
+    ]
     for name, value in rows:
         print(f"  {name:<42} {value}")
     print()
     print("serving (fresh subprocess each, warm page cache)")
     header = ("", "kdir ScoreStore", "pandas -> dict", "kdir / baseline")
     table = [
-        ("open / load (s)", f"{k['open_s']:.3f}", f"{base['open_s']:.1f}" if base else "-",
-         f"{k['open_s'] / base['open_s']:.4f}" if base else "-"),
-        ("lookup (keys/s)", f"{k['keys'] / k['lookup_s']:,.0f}", f"{base['keys'] / base['lookup_s']:,.0f}" if base
-         else "-", f"{(k['keys'] / k['lookup_s']) / (base['keys'] / base['lookup_s']):.2f}" if base else "-"),
-        ("lookup per batch (ms)", f"{k['lookup_s'] / args.batches * 1e3:.3f}",
-         f"{base['lookup_s'] / args.batches * 1e3:.3f}" if base else "-",
-         f"{k['lookup_s'] / base['lookup_s']:.2f}" if base else "-"),
-        ("peak RSS (GB)", f"{k['peak_rss'] / gb:.2f}", f"{base['peak_rss'] / gb:.2f}" if base else "-",
-         f"{k['peak_rss'] / base['peak_rss']:.3f}" if base else "-"),
-        ("verified vs ground truth", "all" if k["verified"] else "MISMATCH",
-         ("all" if base["verified"] else "MISMATCH") if base else "-", ""),
-    ]  # fmt: skip
+        (
+            "open / load (s)",
+            f"{k['open_s']:.3f}",
+            f"{base['open_s']:.1f}" if base else "-",
+            f"{k['open_s'] / base['open_s']:.4f}" if base else "-",
+        ),
+        (
+            "lookup (keys/s)",
+            f"{k['keys'] / k['lookup_s']:,.0f}",
+            f"{base['keys'] / base['lookup_s']:,.0f}" if base else "-",
+            f"{(k['keys'] / k['lookup_s']) / (base['keys'] / base['lookup_s']):.2f}" if base else "-",
+        ),
+        (
+            "lookup per batch (ms)",
+            f"{k['lookup_s'] / args.batches * 1e3:.3f}",
+            f"{base['lookup_s'] / args.batches * 1e3:.3f}" if base else "-",
+            f"{k['lookup_s'] / base['lookup_s']:.2f}" if base else "-",
+        ),
+        (
+            "peak RSS (GB)",
+            f"{k['peak_rss'] / gb:.2f}",
+            f"{base['peak_rss'] / gb:.2f}" if base else "-",
+            f"{k['peak_rss'] / base['peak_rss']:.3f}" if base else "-",
+        ),
+        (
+            "verified vs ground truth",
+            "all" if k["verified"] else "MISMATCH",
+            ("all" if base["verified"] else "MISMATCH") if base else "-",
+            "",
+        ),
+    ]
     print(f"  {header[0]:<26}{header[1]:>18}{header[2]:>18}{header[3]:>18}")
     for row in table:
         print(f"  {row[0]:<26}{row[1]:>18}{row[2]:>18}{row[3]:>18}")
     print()
-    print(f"  kdir peak RSS includes {k['file_backed_rss'] / mb:,.0f} MB of file-backed (mmap) store pages, "
-          "reclaimable page cache")  # fmt: skip
-    print(f"  kdir from string ids (hash + lookup, {k['string_keys']:,} keys): "
-          f"{k['string_keys'] / k['string_lookup_s']:,.0f} keys/s")  # fmt: skip
+    print(
+        f"  kdir peak RSS includes {k['file_backed_rss'] / mb:,.0f} MB of file-backed (mmap) store pages, "
+        "reclaimable page cache"
+    )
+    print(
+        f"  kdir from string ids (hash + lookup, {k['string_keys']:,} keys): "
+        f"{k['string_keys'] / k['string_lookup_s']:,.0f} keys/s"
+    )
     if base:
-        print(f"  baseline load = DataFrame from .npz {base['load_df_s']:.1f} s + nested dict build "
-              f"{base['build_dict_s']:.1f} s; dict keyed by int ids, batches given as Python int lists")  # fmt: skip
+        print(
+            f"  baseline load = DataFrame from .npz {base['load_df_s']:.1f} s + nested dict build "
+            f"{base['build_dict_s']:.1f} s; dict keyed by int ids, batches given as Python int lists"
+        )
     target = "OK" if k["peak_rss"] < 1.5 * gb else "OVER"
     print(f"  kdir serving peak RSS target < 1.5 GB: {target}")
 

@@ -69,16 +69,37 @@ def kdir_train(triples: Path, args, work: Path) -> dict:
     conf = Path(__file__).resolve().parents[1] / "conf"
     out = work / "kdir_run"
     with initialize_config_dir(str(conf), version_base="1.3"):
-        cfg = compose("run", return_hydra_config=False, overrides=[
-            "experiment=margin_mse", "student=minilm_l3", f"student.model_name_or_path={L3}",
-            "student.similarity=dot", "student.query_max_length=64", "student.doc_max_length=128",
-            "teacher=scores", f"teacher.store={work / 'kdir.store'}", f"teacher.import_file={triples}",
-            "teacher.import_format=margin_scores", "data=scifact", "optim=adamw", f"optim.optimizer.lr={args.lr}",
-            f"optim.warmup={args.warmup_frac}", f"data.batch_size={args.batch_size}",
-            f"data.num_workers={args.workers}", "logger=none", "eval_untrained=false", "export_student=false",
-            f"trainer.max_steps={args.steps}", "trainer.max_epochs=-1", f"trainer.accelerator={args.accelerator}",
-            f"trainer.precision={args.precision}", "+trainer.enable_checkpointing=false", f"seed={args.seed}",
-        ])  # fmt: skip
+        cfg = compose(
+            "run",
+            return_hydra_config=False,
+            overrides=[
+                "experiment=margin_mse",
+                "student=minilm_l3",
+                f"student.model_name_or_path={L3}",
+                "student.similarity=dot",
+                "student.query_max_length=64",
+                "student.doc_max_length=128",
+                "teacher=scores",
+                f"teacher.store={work / 'kdir.store'}",
+                f"teacher.import_file={triples}",
+                "teacher.import_format=margin_scores",
+                "data=scifact",
+                "optim=adamw",
+                f"optim.optimizer.lr={args.lr}",
+                f"optim.warmup={args.warmup_frac}",
+                f"data.batch_size={args.batch_size}",
+                f"data.num_workers={args.workers}",
+                "logger=none",
+                "eval_untrained=false",
+                "export_student=false",
+                f"trainer.max_steps={args.steps}",
+                "trainer.max_epochs=-1",
+                f"trainer.accelerator={args.accelerator}",
+                f"trainer.precision={args.precision}",
+                "+trainer.enable_checkpointing=false",
+                f"seed={args.seed}",
+            ],
+        )
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
         cfg.data.examples = OmegaConf.create(
@@ -127,18 +148,33 @@ def st_train(triples: Path, args, work: Path) -> dict:
 
     clock = Clock()
     targs = SentenceTransformerTrainingArguments(
-        output_dir=str(work / "st_run"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=args.lr, warmup_ratio=args.warmup_frac, weight_decay=0.01, max_grad_norm=1.0,
-        bf16=args.precision.startswith("bf16"), dataloader_num_workers=args.workers, report_to="none",
-        save_strategy="no", logging_steps=10**6, seed=args.seed, use_cpu=args.device == "cpu",
-    )  # fmt: skip
-    trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=Dataset.from_dict(cols),
-                                         loss=MarginMSELoss(model), callbacks=[clock])  # fmt: skip
+        output_dir=str(work / "st_run"),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        warmup_ratio=args.warmup_frac,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        bf16=args.precision.startswith("bf16"),
+        dataloader_num_workers=args.workers,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        seed=args.seed,
+        use_cpu=args.device == "cpu",
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model, args=targs, train_dataset=Dataset.from_dict(cols), loss=MarginMSELoss(model), callbacks=[clock]
+    )
     trainer.train()
     s = clock.stamps
     steps = len(s) - 1
-    out = {"steps": steps, "queries_per_step": args.batch_size, "seconds": s[-1] - s[0],
-           "queries_per_s": steps * args.batch_size / (s[-1] - s[0])}  # fmt: skip
+    out = {
+        "steps": steps,
+        "queries_per_step": args.batch_size,
+        "seconds": s[-1] - s[0],
+        "queries_per_s": steps * args.batch_size / (s[-1] - s[0]),
+    }
     if steps > args.warmup:
         steady = s[-1] - s[args.warmup]
         out |= {"steady_seconds": steady, "steady_queries_per_s": (steps - args.warmup) * args.batch_size / steady}
@@ -151,11 +187,12 @@ def _autocast(device: str):
 
 def kdir_eval(args) -> dict:
     from kdir.data.dataset import IRDataset
-    from kdir.retrieval.evaluators import RetrievalEvaluator
     from kdir.models import DualEncoder
+    from kdir.retrieval.evaluators import RetrievalEvaluator
 
-    evaluator = RetrievalEvaluator(IRDataset.from_beir(SHARED / "data/scifact", "test"), METRICS, depth=1000,
-                                   batch_size=args.eval_batch_size)  # fmt: skip
+    evaluator = RetrievalEvaluator(
+        IRDataset.from_beir(SHARED / "data/scifact", "test"), METRICS, depth=1000, batch_size=args.eval_batch_size
+    )
     model = DualEncoder(str(L3), pooling="mean", similarity="cosine", query_max_length=64, doc_max_length=128)
     model = model.to(args.device)
     start = time.perf_counter()
@@ -182,11 +219,14 @@ def st_eval(args) -> dict:
     index = faiss.IndexFlatIP(d.shape[1])
     index.add(d.astype(np.float32))
     scores, rows = index.search(q.astype(np.float32), 1000)
-    run = {qid: {ds.corpus.ids[r]: float(s) for r, s in zip(rr, ss)}
-           for qid, rr, ss in zip(ds.queries.ids, rows, scores)}  # fmt: skip
+    run = {
+        qid: {ds.corpus.ids[r]: float(s) for r, s in zip(rr, ss)} for qid, rr, ss in zip(ds.queries.ids, rows, scores)
+    }
     qrels = {q: dict(r) for q, r in ds.qrels.items()}
-    metrics = {str(k): v for k, v in ir_measures.calc_aggregate(list(map(ir_measures.parse_measure, METRICS)),
-                                                                 qrels, run).items()}  # fmt: skip
+    metrics = {
+        str(k): v
+        for k, v in ir_measures.calc_aggregate(list(map(ir_measures.parse_measure, METRICS)), qrels, run).items()
+    }
     return {"seconds": time.perf_counter() - start, "metrics": metrics}
 
 
@@ -213,8 +253,13 @@ def main() -> None:
     hw = (
         torch.cuda.get_device_name(0) if args.accelerator == "gpu" else f"{platform.processor() or platform.machine()}"
     )
-    result: dict = {"device": args.device, "hardware": hw, "cpu_cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "precision": args.precision}  # fmt: skip
+    result: dict = {
+        "device": args.device,
+        "hardware": hw,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "precision": args.precision,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "train" not in args.skip:
@@ -232,18 +277,24 @@ def main() -> None:
 
 
 def report(r: dict) -> None:
-    print(f"\nkdir vs sentence-transformers on {r['hardware']} ({r['device']}, {r['cpu_cores']} cores, "
-          f"{r['torch_threads']} torch threads, {r['precision']})")  # fmt: skip
+    print(
+        f"\nkdir vs sentence-transformers on {r['hardware']} ({r['device']}, {r['cpu_cores']} cores, "
+        f"{r['torch_threads']} torch threads, {r['precision']})"
+    )
     if "train" in r:
         t, k, s = r["train"], r["train"]["kdir"], r["train"]["st"]
-        print(f"\nMargin-MSE training, L3 student, {t['steps']} steps x batch {t['batch_size']} "
-              f"({t['triples']} SciFact triples with cached cross-encoder margins)")  # fmt: skip
+        print(
+            f"\nMargin-MSE training, L3 student, {t['steps']} steps x batch {t['batch_size']} "
+            f"({t['triples']} SciFact triples with cached cross-encoder margins)"
+        )
         print(f"  {'':34}{'kdir':>12}{'sent-trans':>12}{'kdir / ST':>12}")
         print(
             f"  {'training loop (s)':34}{k['seconds']:>12.1f}{s['seconds']:>12.1f}{k['seconds'] / s['seconds']:>12.2f}"
         )
-        print(f"  {'queries/s':34}{k['queries_per_s']:>12.2f}{s['queries_per_s']:>12.2f}"
-              f"{k['queries_per_s'] / s['queries_per_s']:>12.2f}")  # fmt: skip
+        print(
+            f"  {'queries/s':34}{k['queries_per_s']:>12.2f}{s['queries_per_s']:>12.2f}"
+            f"{k['queries_per_s'] / s['queries_per_s']:>12.2f}"
+        )
         if "steady_queries_per_s" in k and "steady_queries_per_s" in s:
             a, b = k["steady_queries_per_s"], s["steady_queries_per_s"]
             print(f"  {'queries/s after warm-up':34}{a:>12.2f}{b:>12.2f}{a / b:>12.2f}")

@@ -31,8 +31,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     evaluator = instantiate(cfg.eval[cfg.split])
     device = resolve_device(cfg.device)
     encoder = instantiate(cfg.student).to(device)
-    log.info("evaluating on %s: %d queries, %d documents, device %s", evaluator.dataset.name,
-             len(evaluator.dataset.queries), len(evaluator.dataset.corpus), device)  # fmt: skip
+    log.info(
+        "evaluating on %s: %d queries, %d documents, device %s",
+        evaluator.dataset.name,
+        len(evaluator.dataset.queries),
+        len(evaluator.dataset.corpus),
+        device,
+    )
     start = time.perf_counter()
     with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
         metrics, run = evaluator.evaluate(encoder, device=device)

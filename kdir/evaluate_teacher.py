@@ -8,7 +8,6 @@ writes ``run.trec`` and ``metrics.json`` and prints the table.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import hydra
@@ -17,22 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import KdirError
-from kdir.retrieval.metrics import write_trec_run
-from kdir.utils import print_metrics, resolve_device, save_json
+from kdir.retrieval.evaluators import evaluate_and_save
+from kdir.utils import resolve_device
 
 log = logging.getLogger("kdir.evaluate_teacher")
-
-
-def evaluate_and_save(evaluator, model, out: Path, run_name: str, progress: bool = True, **extra) -> dict[str, float]:
-    """Evaluate a teacher; write ``run.trec`` and ``metrics.json`` (+ ``extra`` fields) to ``out``; print a table."""
-    start = time.perf_counter()
-    metrics, run = evaluator.evaluate(model, progress=progress)
-    seconds = time.perf_counter() - start
-    write_trec_run(run, out / "run.trec", tag=run_name)
-    record = {"dataset": evaluator.dataset.name, "metrics": metrics, "eval_seconds": seconds, **extra}
-    save_json(record, out / "metrics.json")
-    print_metrics({run_name: metrics}, title=f"{evaluator.dataset.name} (teacher, {seconds:.1f} s)")
-    return metrics
 
 
 def evaluate_teacher(cfg: DictConfig) -> dict[str, float]:

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -35,325 +33,30 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from threadpoolctl import threadpool_limits
-from torch import Tensor
-from tqdm.auto import tqdm
 
 import kdir  # noqa: F401  (registers config resolvers)
-from kdir.data.dataset import IRDataset, TextStore
-from kdir.data.formats import read_trec_run, top_ranked
+from kdir.data.dataset import IRDataset
+from kdir.data.formats import read_trec_run
 from kdir.errors import KdirError
-from kdir.models.base import to_device
-from kdir.models.colbert import ColBERT, maxsim
+from kdir.models.colbert import ColBERT
 from kdir.retrieval.metrics import Run, run_from_topk, write_trec_run
+from kdir.retrieval.prf import (
+    CorpusTokens,
+    collective_knowledge,
+    document_frequencies,
+    encode_corpus,
+    inverse_document_frequency,
+    ranked_feedback,
+    relevance_feedback,
+    skip_mask,
+    teacher_ranking,
+    token_strings,
+)
 from kdir.stores import ExpansionStore, id_hashes
 from kdir.stores.expansion_store import check_writable
 from kdir.utils import resolve_device
 
 log = logging.getLogger("kdir.expand")
-
-
-# ---------------------------------------------------------------------------------------------- 1. corpus
-
-
-@dataclass
-class TokenPool:
-    """The unmasked document tokens of a corpus, document after document (a ColBERT index without compression).
-
-    Attributes:
-        embeddings: ``float32 [T, dim]`` token embeddings.
-        token_ids: ``int64 [T]`` their token ids.
-        offsets: ``int64 [N + 1]``: document ``i`` owns rows ``offsets[i]:offsets[i + 1]``.
-    """
-
-    embeddings: np.ndarray
-    token_ids: np.ndarray
-    offsets: np.ndarray
-
-    def doc_rows(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(rows, lengths)``: the pool rows of ``docs``' tokens concatenated in order, and each doc's length."""
-        docs = np.asarray(docs, dtype=np.int64)
-        starts = self.offsets[docs]
-        lengths = self.offsets[docs + 1] - starts
-        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return np.repeat(starts, lengths) + within, lengths
-
-
-@dataclass
-class CorpusTokens:
-    """ColBERT document token embeddings, padded per document: ``embeddings [N, L, dim]`` (fp16, CPU),
-    ``mask [N, L]`` (bool: tokens that take part in MaxSim) and ``token_ids [N, L]`` (int64)."""
-
-    embeddings: Tensor
-    mask: Tensor
-    token_ids: Tensor
-
-    def __len__(self) -> int:
-        return self.embeddings.shape[0]
-
-    def pool(self) -> TokenPool:
-        """The unmasked tokens as a :class:`TokenPool`."""
-        offsets = np.zeros(len(self) + 1, dtype=np.int64)
-        np.cumsum(self.mask.sum(1).numpy(), out=offsets[1:])
-        return TokenPool(self.embeddings[self.mask].float().numpy(), self.token_ids[self.mask].numpy(), offsets)
-
-
-@torch.no_grad()
-def encode_corpus(model: ColBERT, texts: Sequence[str], batch_size: int = 64, progress: bool = True) -> CorpusTokens:
-    """Encode ``texts`` as documents in length-sorted batches (eval mode, no gradients)."""
-    model.eval()
-    order = np.argsort([-len(t) for t in texts], kind="stable")
-    n, length, dim = len(texts), model.config["doc_max_length"], model.config["dim"]
-    emb = torch.zeros(n, length, dim, dtype=torch.float16)
-    mask = torch.zeros(n, length, dtype=torch.bool)
-    ids = torch.zeros(n, length, dtype=torch.long)
-    width = 1
-    for s in tqdm(range(0, n, batch_size), desc="encode corpus", disable=not progress):
-        idx = torch.as_tensor(order[s : s + batch_size])
-        inputs = model.tokenize([texts[i] for i in idx.tolist()], "doc")
-        e, m = model.encode(to_device(inputs, model.device), "doc")
-        w = e.shape[1]
-        emb[idx, :w], mask[idx, :w], ids[idx, :w] = e.half().cpu(), m.cpu(), inputs["input_ids"]
-        width = max(width, w)
-    return CorpusTokens(emb[:, :width].contiguous(), mask[:, :width].contiguous(), ids[:, :width].contiguous())
-
-
-# ---------------------------------------------------------------------------------------------- 2. idf
-
-
-def document_frequencies(token_ids: np.ndarray, mask: np.ndarray, vocab_size: int, chunk: int = 65536) -> np.ndarray:
-    """``int64 [vocab_size]``: in how many documents (rows) each token id occurs among the unmasked tokens."""
-    token_ids, mask = np.asarray(token_ids), np.asarray(mask, dtype=bool)
-    if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocab_size):
-        raise KdirError(f"token ids must lie in [0, {vocab_size}), got [{token_ids.min()}, {token_ids.max()}]")
-    df = np.zeros(vocab_size, dtype=np.int64)
-    for s in range(0, len(token_ids), chunk):
-        ids = np.sort(np.where(mask[s : s + chunk], token_ids[s : s + chunk], -1), axis=1)
-        first = np.ones(ids.shape, dtype=bool)
-        first[:, 1:] = ids[:, 1:] != ids[:, :-1]  # the first of each run of equal ids in a sorted row
-        df += np.bincount(ids[first & (ids >= 0)], minlength=vocab_size)
-    return df
-
-
-def inverse_document_frequency(df: np.ndarray, n_docs: int) -> np.ndarray:
-    """``idf(t) = ln((1 + N) / (df(t) + 1))`` (ColBERT-PRF, as in CollectiveKD's released code)."""
-    return np.log((1.0 + n_docs) / (np.asarray(df, dtype=np.float64) + 1.0))
-
-
-# ---------------------------------------------------------------------------------------------- 3. feedback
-
-
-@torch.no_grad()
-def teacher_ranking(
-    model: ColBERT,
-    queries: Sequence[str],
-    corpus: CorpusTokens,
-    depth: int,
-    batch_size: int = 64,
-    doc_chunk: int = 1024,
-    progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exhaustive MaxSim top-``depth``: ``(scores float32 [Q, k], doc rows int64 [Q, k])``, best first.
-
-    The corpus embeddings move to the model's device once (fp16) and are scored in chunks of ``doc_chunk``.
-    """
-    model.eval()
-    k, dev, similarity = min(depth, len(corpus)), model.device, model.config["similarity"]
-    d_emb, d_mask = corpus.embeddings.to(dev), corpus.mask.to(dev)
-    scores_out = np.zeros((len(queries), k), dtype=np.float32)
-    rows_out = np.zeros((len(queries), k), dtype=np.int64)
-    for s in tqdm(range(0, len(queries), batch_size), desc="teacher ranking", disable=not progress):
-        q, q_mask = model.encode(to_device(model.tokenize(list(queries[s : s + batch_size]), "query"), dev), "query")
-        chunks = range(0, len(corpus), doc_chunk)
-        scores = torch.cat(
-            [
-                maxsim(q.float(), q_mask, d_emb[c : c + doc_chunk].float(), d_mask[c : c + doc_chunk], similarity)
-                for c in chunks
-            ],
-            dim=1,
-        )
-        top, rows = scores.topk(k, dim=1)
-        scores_out[s : s + len(rows)], rows_out[s : s + len(rows)] = top.cpu().numpy(), rows.cpu().numpy()
-    return scores_out, rows_out
-
-
-def ranked_feedback(
-    run: Run, query_ids: Sequence[str], corpus: TextStore, fb_docs: int, source: str
-) -> list[np.ndarray]:
-    """Per query, the corpus rows of its top-``fb_docs`` documents in ``run`` (empty if the run lacks it)."""
-    return [corpus.codes(top_ranked(run.get(q, {}), fb_docs), source=source) for q in query_ids]
-
-
-def relevance_feedback(dataset: IRDataset, fb_docs: int) -> list[np.ndarray]:
-    """Per query, the corpus rows of its first ``fb_docs`` labelled positives (qrels order)."""
-    positives = dataset.positives()
-    return [dataset.corpus.codes(positives.get(q, [])[:fb_docs]) for q in dataset.queries.ids]
-
-
-# ---------------------------------------------------------------------------------------------- 4. clustering
-
-
-def avg_step_position(doc_lengths: Sequence[int], n_clusters: int) -> np.ndarray:
-    """k-means seed rows (into the concatenated tokens of the feedback documents), ColBERT-PRF's ``avg_step_position``.
-
-    The ``n_clusters`` seeds are split across the ``D`` documents at the boundaries ``floor(i·n_clusters / D)``,
-    ``i = 0..D``, so document ``i`` gets ``floor((i+1)·n/D) − floor(i·n/D)`` seeds: when ``D`` does not divide
-    ``n``, the extra seeds go to the later documents (7 seeds over 3 documents: 2, 2, 3; 8 seeds: 2, 3, 3). Within
-    a document of ``L`` tokens, ``m`` seeds sit at positions ``floor(j·(L−1)/(m−1))``, ``j = 0..m−1`` (one seed:
-    position 0); a document with fewer tokens than seeds repeats positions. These are the reference code's
-    ``np.linspace(...).astype(int64)``, in exact integer arithmetic. Documents must have at least one token.
-    """
-    lengths = np.asarray(doc_lengths, dtype=np.int64)
-    if not len(lengths) or (lengths < 1).any():
-        raise KdirError(f"avg_step_position needs documents with at least one token, got lengths {lengths.tolist()}")
-    bounds = np.arange(len(lengths) + 1) * n_clusters // len(lengths)
-    per_doc = np.diff(bounds)
-    doc = np.repeat(np.arange(len(lengths)), per_doc)  # the document of each seed
-    j = np.arange(n_clusters) - bounds[doc]  # the seed's number within its document
-    pos = j * (lengths[doc] - 1) // np.maximum(per_doc[doc] - 1, 1)
-    starts = np.cumsum(lengths) - lengths
-    return starts[doc] + pos
-
-
-def cluster_feedback(embeddings: np.ndarray, doc_lengths: Sequence[int], n_clusters: int, seed: int = 0) -> np.ndarray:
-    """``float32 [min(n_clusters, T), dim]`` k-means centroids (not renormalised) of feedback tokens ``[T, dim]``."""
-    from sklearn.cluster import KMeans
-    from sklearn.exceptions import ConvergenceWarning
-
-    x = np.asarray(embeddings, dtype=np.float32)
-    n = min(n_clusters, len(x))
-    init = x[avg_step_position(doc_lengths, n)]
-    with warnings.catch_warnings():  # repeated seeds (short documents) leave clusters to be relocated
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        kmeans = KMeans(n_clusters=n, init=init, n_init=1, random_state=seed).fit(x)
-    return kmeans.cluster_centers_.astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------- 5.-6. labels
-
-
-def skip_mask(tokenizer) -> np.ndarray:
-    """``bool [len(tokenizer)]``: the token ids no centroid may be labelled with (special tokens, ``[unused*]``)."""
-    skip = np.zeros(len(tokenizer), dtype=bool)
-    skip[list(tokenizer.all_special_ids)] = True
-    skip[[i for t, i in tokenizer.get_vocab().items() if t.startswith("[unused")]] = True
-    return skip
-
-
-def nearest_token_ids(index, token_ids: np.ndarray, vectors: np.ndarray, n: int) -> np.ndarray:
-    """``int64 [M, n]``: token ids of the ``n`` nearest pool tokens of each vector, nearest first (-1: none).
-
-    ``index`` is a FAISS inner-product index over the pool's unit-norm token embeddings, so its ranking equals
-    the L2 ranking (``‖v − x‖² = ‖v‖² + 1 − 2⟨v, x⟩``) even for unnormalised centroids.
-    """
-    _, rows = index.search(np.ascontiguousarray(vectors, dtype=np.float32), n)
-    return np.where(rows >= 0, np.asarray(token_ids)[np.maximum(rows, 0)], -1)
-
-
-def label_centroids(neighbour_ids: np.ndarray, skip: np.ndarray) -> np.ndarray:
-    """``int64 [M]``: the most frequent allowed token id among each row of ``neighbour_ids [M, n]`` (-1: none).
-
-    Ties go to the token met first, i.e. the nearest (as the reference code's stable sort). Ids of ``skip``
-    (and -1) are not counted.
-    """
-    ids = np.asarray(neighbour_ids, dtype=np.int64)
-    ids = np.where((ids >= 0) & ~skip[np.maximum(ids, 0)], ids, -1)
-    counts = (ids[:, :, None] == ids[:, None, :]).sum(-1)
-    counts[ids < 0] = 0
-    best = counts.argmax(1)  # first position of the highest count
-    labels = np.take_along_axis(ids, best[:, None], 1)[:, 0]
-    return np.where(counts.max(1, initial=0) > 0, labels, -1)
-
-
-def select_expansions(labels: np.ndarray, idf: np.ndarray, beta: float, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` heaviest centroids of each query: ``(slots int64 [Q, k], weights float32 [Q, k])``.
-
-    ``labels [Q, C]`` holds each centroid's token id (-1: unlabelled or absent); a centroid weighs
-    ``beta · idf[label]``. Slots index ``C``, heaviest first (ties: lower centroid number first); missing slots
-    are -1 with weight 0.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    valid = labels >= 0
-    w = np.where(valid, beta * np.asarray(idf)[np.maximum(labels, 0)], -np.inf)
-    if w.shape[1] < k:
-        w = np.pad(w, ((0, 0), (0, k - w.shape[1])), constant_values=-np.inf)
-    slots = np.argsort(-w, axis=1, kind="stable")[:, :k]
-    top = np.take_along_axis(w, slots, 1)
-    ok = np.isfinite(top)
-    return np.where(ok, slots, -1), np.where(ok, top, 0.0).astype(np.float32)
-
-
-@dataclass
-class Expansions:
-    """Expansions of the queries ``queries`` (rows of the training split): ``vectors [Q, k, dim]``,
-    ``weights [Q, k]`` and ``token_ids [Q, k]`` (-1 in padded slots)."""
-
-    queries: np.ndarray
-    vectors: np.ndarray
-    weights: np.ndarray
-    token_ids: np.ndarray
-
-
-def _cluster_chunk(
-    feedback: Sequence[np.ndarray], pool: TokenPool, fb_clusters: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Centroids ``[n, fb_clusters, dim]`` of each query's feedback tokens, and which exist ``[n, fb_clusters]``."""
-    dim = pool.embeddings.shape[1]
-    centroids = np.zeros((len(feedback), fb_clusters, dim), dtype=np.float32)
-    exists = np.zeros((len(feedback), fb_clusters), dtype=bool)
-    with threadpool_limits(1):  # a few hundred points per k-means: threads only add contention
-        for i, docs in enumerate(feedback):
-            rows, lengths = pool.doc_rows(docs)
-            c = cluster_feedback(pool.embeddings[rows], lengths[lengths > 0], fb_clusters, seed)
-            centroids[i, : len(c)], exists[i, : len(c)] = c, True
-    return centroids, exists
-
-
-def collective_knowledge(
-    feedback: Sequence[np.ndarray],
-    pool: TokenPool,
-    index,
-    idf: np.ndarray,
-    skip: np.ndarray,
-    fb_clusters: int = 24,
-    fb_k: int = 10,
-    beta: float = 1.0,
-    neighbours: int = 10,
-    seed: int = 0,
-    chunk: int = 4096,
-    progress: bool = True,
-) -> Expansions:
-    """Steps 4-6 for every query whose feedback documents have at least one token (the others are left out).
-
-    ``feedback[i]`` are the corpus rows of query ``i``'s feedback documents; ``index`` searches ``pool``.
-    """
-    has_tokens = np.array([(pool.offsets[d + 1] - pool.offsets[d]).sum() > 0 for d in feedback], dtype=bool)
-    queries = np.flatnonzero(has_tokens)
-    dim = pool.embeddings.shape[1]
-    vectors = np.zeros((len(queries), fb_k, dim), dtype=np.float32)
-    weights = np.zeros((len(queries), fb_k), dtype=np.float32)
-    token_ids = np.full((len(queries), fb_k), -1, dtype=np.int64)
-    bar = tqdm(total=len(queries), desc="collective knowledge", disable=not progress)
-    for s in range(0, len(queries), chunk):
-        part = queries[s : s + chunk]
-        centroids, exists = _cluster_chunk([feedback[q] for q in part], pool, fb_clusters, seed)
-        labels = np.full(exists.shape, -1, dtype=np.int64)
-        labels[exists] = label_centroids(nearest_token_ids(index, pool.token_ids, centroids[exists], neighbours), skip)
-        slots, w = select_expansions(labels, idf, beta, fb_k)
-        found = slots >= 0
-        rows = np.arange(len(part))[:, None]
-        vectors[s : s + len(part)] = np.where(found[..., None], centroids[rows, np.maximum(slots, 0)], 0.0)
-        weights[s : s + len(part)] = w
-        token_ids[s : s + len(part)] = np.where(found, labels[rows, np.maximum(slots, 0)], -1)
-        bar.update(len(part))
-    bar.close()
-    return Expansions(queries, vectors, weights, token_ids)
-
-
-def token_strings(tokenizer, token_ids: np.ndarray) -> list[list[str]]:
-    """Token strings of ``token_ids [Q, k]`` ("" for -1)."""
-    vocab = np.array(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) + [""], dtype=object)
-    return vocab[np.asarray(token_ids)].tolist()  # -1 picks the trailing ""
 
 
 # ---------------------------------------------------------------------------------------------- the stage

@@ -23,30 +23,10 @@ import kdir  # noqa: F401  (registers config resolvers)
 from kdir.data.dataset import IRDataset
 from kdir.errors import KdirError
 from kdir.retrieval.evaluators import RetrievalEvaluator
-from kdir.retrieval.metrics import Run, write_trec_run
-from kdir.utils import print_metrics, resolve_device, save_json
+from kdir.retrieval.metrics import positive_share, write_trec_run
+from kdir.utils import instantiate_model, print_metrics, resolve_device, save_json
 
 log = logging.getLogger("kdir.mine")
-
-
-def load_student(cfg: DictConfig) -> torch.nn.Module:
-    """Instantiate ``cfg.student``; a folder or hub name that cannot be loaded is a :class:`KdirError`."""
-    path = str(cfg.student.get("path") or cfg.student.get("model_name_or_path"))
-    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
-        raise KdirError(f"{path}: no such student folder (expected an exported kdir student or an HF encoder)")
-    try:
-        return instantiate(cfg.student)
-    except Exception as e:  # Hydra wraps the loader's OSError / ValueError in an InstantiationException
-        cause = e.__cause__ or e
-        raise KdirError(f"cannot load the student from {path}: {type(cause).__name__}: {cause}") from None
-
-
-def positive_share(run: Run, dataset: IRDataset) -> float:
-    """Fraction of the run's candidates that are labelled positives (negatives too, unless excluded)."""
-    pos = dataset.positives()
-    total = sum(len(docs) for docs in run.values())
-    hits = sum(1 for qid, docs in run.items() for pid in docs if pid in pos.get(qid, ()))
-    return hits / total if total else 0.0
 
 
 def mine(cfg: DictConfig) -> dict[str, float]:
@@ -56,26 +36,51 @@ def mine(cfg: DictConfig) -> dict[str, float]:
         raise KdirError(f"depth={cfg.depth}: expected a positive number of candidates per query")
     dataset: IRDataset = instantiate(cfg.data.train)
     metrics = list(dict.fromkeys([f"R@{cfg.depth}", *cfg.metrics]))
-    evaluator = RetrievalEvaluator(dataset, metrics=metrics, depth=cfg.depth, index_factory=cfg.index_factory,
-                                   use_gpu=cfg.use_gpu, batch_size=cfg.batch_size)  # fmt: skip
+    evaluator = RetrievalEvaluator(
+        dataset,
+        metrics=metrics,
+        depth=cfg.depth,
+        index_factory=cfg.index_factory,
+        use_gpu=cfg.use_gpu,
+        batch_size=cfg.batch_size,
+    )
     device = resolve_device(cfg.device)
-    encoder = load_student(cfg).to(device)
+    encoder = instantiate_model(cfg.student, "student").to(device)
     if cfg.depth > len(dataset.corpus):
-        log.warning("depth=%d exceeds the corpus (%d documents): every document is kept", cfg.depth,
-                    len(dataset.corpus))  # fmt: skip
-    log.info("mining top-%d for %s: %d training queries, %d documents, device %s", cfg.depth, dataset.name,
-             len(dataset.queries), len(dataset.corpus), device)  # fmt: skip
+        log.warning(
+            "depth=%d exceeds the corpus (%d documents): every document is kept", cfg.depth, len(dataset.corpus)
+        )
+    log.info(
+        "mining top-%d for %s: %d training queries, %d documents, device %s",
+        cfg.depth,
+        dataset.name,
+        len(dataset.queries),
+        len(dataset.corpus),
+        device,
+    )
     start = time.perf_counter()
     with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
         scores, run = evaluator.evaluate(encoder, device=device)
     seconds = time.perf_counter() - start
     run_path = write_trec_run(run, cfg.out, tag=cfg.run_name)
     share = positive_share(run, dataset)
-    save_json({"dataset": dataset.name, "depth": cfg.depth, "queries": len(run), "documents": len(dataset.corpus),
-               "run": str(run_path), "metrics": scores, "positive_share": share, "seconds": seconds},
-              out_dir / "metrics.json")  # fmt: skip
-    print_metrics({cfg.run_name: scores | {"positive share": share}},
-                  title=f"{dataset.name} training queries, top {cfg.depth} ({seconds:.1f} s)")  # fmt: skip
+    save_json(
+        {
+            "dataset": dataset.name,
+            "depth": cfg.depth,
+            "queries": len(run),
+            "documents": len(dataset.corpus),
+            "run": str(run_path),
+            "metrics": scores,
+            "positive_share": share,
+            "seconds": seconds,
+        },
+        out_dir / "metrics.json",
+    )
+    print_metrics(
+        {cfg.run_name: scores | {"positive share": share}},
+        title=f"{dataset.name} training queries, top {cfg.depth} ({seconds:.1f} s)",
+    )
     print(f"run: {run_path}\noutputs: {out_dir}")
     return scores
 

@@ -41,8 +41,18 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     val = instantiate(cfg.eval.val) if cfg.eval.get("val") else None
     test = instantiate(cfg.eval.test) if cfg.eval.get("test") else None
     datamodule = instantiate(cfg.data, model=student, layout=loss.layout, signal=signal, val=val, test=test)
-    module = DistillModule(student, loss, instantiate(cfg.optim.optimizer), cfg.optim.warmup, val, test, out, signal,
-                           cfg.get("gather_across_devices", False), cfg.optim.get("schedule", "linear"))  # fmt: skip
+    module = DistillModule(
+        student,
+        loss,
+        instantiate(cfg.optim.optimizer),
+        cfg.optim.warmup,
+        val,
+        test,
+        out,
+        signal,
+        cfg.get("gather_across_devices", False),
+        cfg.optim.get("schedule", "linear"),
+    )
 
     if val is None and cfg.get("callbacks") and "model_checkpoint" in cfg.callbacks:
         with open_dict(cfg):
@@ -64,8 +74,9 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if test is not None:
         log.info("testing %s", best or "the final weights")
         trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-        results["trained"] = {k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items()
-                              if k.startswith("test/")}  # fmt: skip
+        results["trained"] = {
+            k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
+        }
     for lg in loggers:  # one W&B run per job, also in a multirun (all jobs share this process)
         if type(lg).__name__ == "WandbLogger":
             lg.experiment.finish()
@@ -87,8 +98,10 @@ def _report(results: dict, test, out: Path, best: str | None) -> None:
     if before and after and "nDCG@10" in after:
         delta = after["nDCG@10"] - before["nDCG@10"]
         verdict = "beats" if delta > 0 else "does NOT beat"
-        print(f"The trained student {verdict} its untrained self on {test.dataset.name}: "
-              f"nDCG@10 {before['nDCG@10']:.4f} -> {after['nDCG@10']:.4f} ({delta:+.4f}).")  # fmt: skip
+        print(
+            f"The trained student {verdict} its untrained self on {test.dataset.name}: "
+            f"nDCG@10 {before['nDCG@10']:.4f} -> {after['nDCG@10']:.4f} ({delta:+.4f})."
+        )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="run")

@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import KdirError
-from kdir.evaluate_teacher import evaluate_and_save
 from kdir.losses import InfoNCE
 from kdir.models import CrossEncoder
+from kdir.retrieval.evaluators import evaluate_and_save
 from kdir.training.module import DistillModule
 from kdir.utils import instantiate_group
 
@@ -49,8 +49,9 @@ def train_teacher(cfg: DictConfig) -> dict[str, float]:
         log.info("teacher saved to %s", out / "teacher")
         if cfg.get("teacher_eval"):
             model = model.to(trainer.strategy.root_device)  # fit ends on the CPU
-            metrics = evaluate_and_save(instantiate(cfg.teacher_eval), model, out, cfg.run_name,
-                                        train_seconds=train_seconds)  # fmt: skip
+            metrics = evaluate_and_save(
+                instantiate(cfg.teacher_eval), model, out, cfg.run_name, train_seconds=train_seconds
+            )
     return metrics
 
 

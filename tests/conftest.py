@@ -57,5 +57,11 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300):
     """Run ``python -m <args>`` in a subprocess with the test environment; returns CompletedProcess."""
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=os.environ | {"PYTHONPATH": str(ROOT)})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )

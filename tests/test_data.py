@@ -117,8 +117,10 @@ def test_random_negatives_are_never_positives(beir_dir):
 def test_run_negatives_come_from_the_run_without_positives(beir_dir, tmp_path):
     ds = IRDataset.from_beir(beir_dir, "train")
     run = tmp_path / "run.trec"
-    run.write_text("q1 Q0 d1 1 9 x\nq1 Q0 d5 2 8 x\nq1 Q0 d6 3 7 x\nq1 Q0 d4 4 1 x\n"
-                   "q2 Q0 d3 1 9 x\nq2 Q0 d4 2 8 x\nqX Q0 d4 1 1 x\n")  # fmt: skip
+    run.write_text(
+        "q1 Q0 d1 1 9 x\nq1 Q0 d5 2 8 x\nq1 Q0 d6 3 7 x\nq1 Q0 d4 4 1 x\n"
+        "q2 Q0 d3 1 9 x\nq2 Q0 d4 2 8 x\nqX Q0 d4 1 1 x\n"
+    )
     ex = QrelsExamples(RunNegatives(run, depth=3), n_negatives=2).build(ds)
     negs = ex.negatives_for(np.arange(len(ex)), np.random.default_rng(0))
     code = ds.corpus.index
@@ -140,11 +142,14 @@ def test_ir_datasets_loader_on_a_local_registered_copy(beir_dir, tmp_path):
     (tmp_path / "qrels").write_text("q1 0 d1 1\nq2 0 d2 1\n")
     name = "kdir-test/local"
     if name not in ir_datasets.registry._registered:
-        ir_datasets.registry.register(name, Dataset(
-            TsvDocs(LocalDownload(tmp_path / "docs.tsv")),
-            TsvQueries(LocalDownload(tmp_path / "queries.tsv"), query_cls=GenericQuery),
-            TrecQrels(LocalDownload(tmp_path / "qrels"), {1: "relevant"}),
-        ))  # fmt: skip
+        ir_datasets.registry.register(
+            name,
+            Dataset(
+                TsvDocs(LocalDownload(tmp_path / "docs.tsv")),
+                TsvQueries(LocalDownload(tmp_path / "queries.tsv"), query_cls=GenericQuery),
+                TrecQrels(LocalDownload(tmp_path / "qrels"), {1: "relevant"}),
+            ),
+        )
     ds = IRDataset.from_ir_datasets(name)
     assert ds.queries.ids == ["q1", "q2"] and ds.corpus.texts == ["first doc", "second doc"]
     with pytest.raises(KeyError, match="unknown ir_datasets id"):

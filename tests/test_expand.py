@@ -433,29 +433,49 @@ def test_collective_teacher_evaluated_on_expanded_test_queries(colbert_dir, quic
     collective teacher: each re-ranked score is the teacher's own score of that (query, document)."""
     data = quickstart["data"]
     split = f"dataset={{_target_: kdir.data.dataset.IRDataset.from_beir, root: '{data}', split: test}}"
-    r = run_cli("kdir.expand", f"teacher.model.path={colbert_dir}", f"out={tmp_path / 'store'}", split, *TINY,
-                f"hydra.run.dir={tmp_path / 'x'}")  # fmt: skip
+    r = run_cli(
+        "kdir.expand",
+        f"teacher.model.path={colbert_dir}",
+        f"out={tmp_path / 'store'}",
+        split,
+        *TINY,
+        f"hydra.run.dir={tmp_path / 'x'}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ds = IRDataset.from_beir(data, "test")
     assert len(ExpansionStore.open(tmp_path / "store")) == len(ds.queries) == 200
-    r = run_cli("kdir.evaluate_teacher", "teacher=collective", f"teacher.model.path={colbert_dir}",
-                f"teacher.model.expansion={tmp_path / 'store'}", "teacher.model.dim=16",
-                "teacher.model.query_max_length=8", "teacher.model.doc_max_length=64",
-                "teacher_eval=rerank_quickstart", f"teacher_eval.run_file={tmp_path / 'store' / 'ranking.trec'}",
-                "teacher_eval.depth=5", "progress=false", f"hydra.run.dir={tmp_path / 'eval'}")  # fmt: skip
+    r = run_cli(
+        "kdir.evaluate_teacher",
+        "teacher=collective",
+        f"teacher.model.path={colbert_dir}",
+        f"teacher.model.expansion={tmp_path / 'store'}",
+        "teacher.model.dim=16",
+        "teacher.model.query_max_length=8",
+        "teacher.model.doc_max_length=64",
+        "teacher_eval=rerank_quickstart",
+        f"teacher_eval.run_file={tmp_path / 'store' / 'ranking.trec'}",
+        "teacher_eval.depth=5",
+        "progress=false",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert set(metrics) >= {"nDCG@10"} and 0 <= metrics["nDCG@10"] <= 1
     from kdir.data.formats import read_trec_run
 
     run = read_trec_run(tmp_path / "eval" / "run.trec")
-    teacher = CollectiveColBERT.from_pretrained(colbert_dir, expansion=tmp_path / "store", dim=16, query_max_length=8,
-                                                doc_max_length=64).freeze()  # fmt: skip
+    teacher = CollectiveColBERT.from_pretrained(
+        colbert_dir, expansion=tmp_path / "store", dim=16, query_max_length=8, doc_max_length=64
+    ).freeze()
     qid = ds.queries.ids[0]
     pids = list(run[qid])
     assert len(pids) == 5
-    direct = teacher.score([ds.queries.texts[0]], [ds.corpus.texts[ds.corpus.index[p]] for p in pids],
-                           np.arange(5)[None], query_keys=id_hashes([qid]))[0]  # fmt: skip
+    direct = teacher.score(
+        [ds.queries.texts[0]],
+        [ds.corpus.texts[ds.corpus.index[p]] for p in pids],
+        np.arange(5)[None],
+        query_keys=id_hashes([qid]),
+    )[0]
     assert np.allclose([run[qid][p] for p in pids], direct.numpy(), atol=1e-4)
     plain = ColBERT.from_pretrained(
         colbert_dir, dim=16, similarity="l2", query_max_length=8, doc_max_length=64

@@ -11,7 +11,7 @@ from conftest import run_cli
 from kdir.data.dataset import IRDataset
 from kdir.data.generated import GeneratedQueries, write_generated
 from kdir.errors import DataFormatError, KdirError
-from kdir.generate_queries import dedupe, mask_span, pick_sources
+from kdir.data.generation import dedupe, mask_span, pick_sources
 
 SMALL = ("batch_size=4", "generator.max_source_length=32", "generator.generation.max_new_tokens=8")
 
@@ -26,10 +26,23 @@ def tiny_bart(quickstart, tmp_path_factory):
     ids = tok.convert_tokens_to_ids(["[PAD]", "[CLS]", "[SEP]", "[MASK]"])
     pad, bos, eos, mask = ids
     torch.manual_seed(0)
-    config = BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1,
-                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                        max_position_embeddings=64, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
-                        decoder_start_token_id=bos, forced_eos_token_id=eos, mask_token_id=mask)  # fmt: skip
+    config = BartConfig(
+        vocab_size=len(tok),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=pad,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        decoder_start_token_id=bos,
+        forced_eos_token_id=eos,
+        mask_token_id=mask,
+    )
     path = tmp_path_factory.mktemp("generator") / "tiny-bart"
     BartForConditionalGeneration(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -48,9 +61,16 @@ def _one_thread(monkeypatch):
 
 
 def _generate(tiny_bart, out, generator: str, *extra: str):
-    result = run_cli("kdir.generate_queries", f"generator={generator}", f"generator.model={tiny_bart}",
-                     "data=quickstart", f"out={out}", f"hydra.run.dir={out.parent / (out.name + '.run')}", *SMALL,
-                     *extra)  # fmt: skip
+    result = run_cli(
+        "kdir.generate_queries",
+        f"generator={generator}",
+        f"generator.model={tiny_bart}",
+        "data=quickstart",
+        f"out={out}",
+        f"hydra.run.dir={out.parent / (out.name + '.run')}",
+        *SMALL,
+        *extra,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return GeneratedQueries.from_tsv(out)
 
@@ -124,8 +144,14 @@ def test_pick_sources(train):
 
 def test_bad_source_exits_2(tiny_bart, tmp_path):
     out = tmp_path / "bad.tsv"
-    result = run_cli("kdir.generate_queries", "generator=bart_infill", "generator.source=passages",
-                     f"generator.model={tiny_bart}", f"out={out}", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    result = run_cli(
+        "kdir.generate_queries",
+        "generator=bart_infill",
+        "generator.source=passages",
+        f"generator.model={tiny_bart}",
+        f"out={out}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert result.returncode == 2 and "generator.source" in result.stdout + result.stderr
     assert not out.exists()
 

@@ -74,14 +74,26 @@ def test_infonce_mask_removes_false_negatives_but_never_the_positive():
 
 def test_infonce_class_uses_false_negative_mask():
     student = torch.tensor([[1.0, 5.0, 0.0]])
-    c = Candidates(student, None, torch.tensor([0]), torch.ones(1, 3, dtype=torch.bool),
-                   torch.tensor([[False, True, False]]), "inbatch")  # fmt: skip
+    c = Candidates(
+        student,
+        None,
+        torch.tensor([0]),
+        torch.ones(1, 3, dtype=torch.bool),
+        torch.tensor([[False, True, False]]),
+        "inbatch",
+    )
     assert InfoNCE()(c).item() == pytest.approx(-math.log(math.e / (math.e + 1.0)), rel=1e-5)
 
 
 def test_margin_mse_class_requires_teacher():
-    c = Candidates(torch.zeros(1, 2), None, torch.tensor([0]), torch.ones(1, 2, dtype=torch.bool),
-                   torch.zeros(1, 2, dtype=torch.bool), "pairwise")  # fmt: skip
+    c = Candidates(
+        torch.zeros(1, 2),
+        None,
+        torch.tensor([0]),
+        torch.ones(1, 2, dtype=torch.bool),
+        torch.zeros(1, 2, dtype=torch.bool),
+        "pairwise",
+    )
     with pytest.raises(ValueError, match="teacher"):
         MarginMSE()(c)
 
@@ -136,8 +148,14 @@ def test_kl_class_needs_teacher_and_logs_name():
 
     loss = KLDistill()
     assert (loss.layout, loss.tau_teacher, loss.tau_student, loss.name) == ("inbatch", 0.25, 1.0, "kl")
-    c = Candidates(torch.zeros(1, 2), None, torch.tensor([0]), torch.ones(1, 2, dtype=torch.bool),
-                   torch.zeros(1, 2, dtype=torch.bool), "inbatch")  # fmt: skip
+    c = Candidates(
+        torch.zeros(1, 2),
+        None,
+        torch.tensor([0]),
+        torch.ones(1, 2, dtype=torch.bool),
+        torch.zeros(1, 2, dtype=torch.bool),
+        "inbatch",
+    )
     with pytest.raises(ValueError, match="teacher"):
         loss(c)
 
@@ -176,8 +194,15 @@ def test_embed_match_projection_when_dimensions_differ():
         loss.projection.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
         loss.projection.bias.zero_()
     s, t = torch.tensor([[3.0, 0.0, 7.0]]), torch.tensor([[0.0, 4.0]])
-    c = Candidates(torch.zeros(1, 1), None, torch.tensor([0]), torch.ones(1, 1, dtype=torch.bool),
-                   torch.zeros(1, 1, dtype=torch.bool), "inbatch", embeddings={"query": (s, t)})  # fmt: skip
+    c = Candidates(
+        torch.zeros(1, 1),
+        None,
+        torch.tensor([0]),
+        torch.ones(1, 1, dtype=torch.bool),
+        torch.zeros(1, 1, dtype=torch.bool),
+        "inbatch",
+        embeddings={"query": (s, t)},
+    )
     assert loss(c).item() == pytest.approx(5.0)  # ||(0,4) - (3,0)||
     assert EmbedMatch(student_dim=4, teacher_dim=4).projection is None
 
@@ -187,9 +212,16 @@ def _mixed_batch():
     student = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]], requires_grad=True)
     teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.0]])
     q_s, q_t = torch.zeros(3, 2), torch.tensor([[3.0, 4.0], [0.0, 0.0], [6.0, 8.0]])
-    return Candidates(student, teacher, torch.tensor([0, 1, -1]), torch.ones(3, 2, dtype=torch.bool),
-                      torch.zeros(3, 2, dtype=torch.bool), "inbatch", generated=torch.tensor([False, False, True]),
-                      embeddings={"query": (q_s, q_t)})  # fmt: skip
+    return Candidates(
+        student,
+        teacher,
+        torch.tensor([0, 1, -1]),
+        torch.ones(3, 2, dtype=torch.bool),
+        torch.zeros(3, 2, dtype=torch.bool),
+        "inbatch",
+        generated=torch.tensor([False, False, True]),
+        embeddings={"query": (q_s, q_t)},
+    )
 
 
 def test_generated_queries_never_receive_hard_labels():
@@ -216,9 +248,15 @@ def test_composite_weighted_sum_and_per_term_rows():
     from kdir.losses import Composite, EmbedMatch, SoftmaxCEDistill, softmax_ce_distill
 
     c = _mixed_batch()
-    loss = Composite({"score": SoftmaxCEDistill(), "emb_q": EmbedMatch("query", weight=0.5),
-                      "gen_only": EmbedMatch("query", applies_to="generated", weight=2.0),
-                      "hard": InfoNCE(weight=0.1), "off": InfoNCE(weight=0.0)})  # fmt: skip
+    loss = Composite(
+        {
+            "score": SoftmaxCEDistill(),
+            "emb_q": EmbedMatch("query", weight=0.5),
+            "gen_only": EmbedMatch("query", applies_to="generated", weight=2.0),
+            "hard": InfoNCE(weight=0.1),
+            "off": InfoNCE(weight=0.0),
+        }
+    )
     terms = loss.terms(c)
     assert set(terms) == {"score", "emb_q", "gen_only", "hard"}
     assert terms["score"].item() == pytest.approx(softmax_ce_distill(c.student, c.teacher).item(), rel=1e-5)

@@ -63,8 +63,14 @@ def test_mine_writes_top_depth_run_of_training_queries_usable_as_run_negatives(t
 def test_mine_with_an_exported_student_and_custom_output(tmp_path, quickstart, tiny_student):
     student = tiny_student.save_pretrained(tmp_path / "student")
     out = tmp_path / "mined" / "hn.trec"
-    r = run_cli("kdir.mine", "student=checkpoint", f"student.path={student}", "depth=5", f"out={out}",
-                f"hydra.run.dir={tmp_path / 'job'}")  # fmt: skip
+    r = run_cli(
+        "kdir.mine",
+        "student=checkpoint",
+        f"student.path={student}",
+        "depth=5",
+        f"out={out}",
+        f"hydra.run.dir={tmp_path / 'job'}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(len(ranked) == 5 for ranked in _parse_run(out).values())
     assert json.loads((tmp_path / "job" / "metrics.json").read_text())["run"] == str(out)

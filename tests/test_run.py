@@ -15,8 +15,14 @@ from omegaconf import open_dict
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # The paper recipes read MS MARCO and hub models: tests/test_recipes.py runs each on the quickstart instead.
-PAPER_RECIPES = ["collective_kd", "embeddistill", "embeddistill_ce", "embeddistill_symmetric", "margin_mse",
-                 "tct_colbert"]  # fmt: skip
+PAPER_RECIPES = [
+    "collective_kd",
+    "embeddistill",
+    "embeddistill_ce",
+    "embeddistill_symmetric",
+    "margin_mse",
+    "tct_colbert",
+]
 QUICK_EXPERIMENTS = [e for e in EXPERIMENTS if e not in PAPER_RECIPES]
 
 
@@ -89,8 +95,14 @@ def test_all_config_options_compose_and_instantiate_where_offline(tmp_path, quic
 
 def test_multirun_writes_one_directory_per_job(tmp_path, quickstart):
     sweep = tmp_path / "sweep"
-    r = run_cli("kdir.run", "-m", "loss=margin_mse,infonce", "trainer.max_epochs=1", "eval_untrained=false",
-                f"hydra.sweep.dir={sweep}")  # fmt: skip
+    r = run_cli(
+        "kdir.run",
+        "-m",
+        "loss=margin_mse,infonce",
+        "trainer.max_epochs=1",
+        "eval_untrained=false",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
     assert [p.name for p in jobs] == ["0_tiny__quickstart__margin_mse", "1_tiny__quickstart__infonce"]
@@ -104,8 +116,11 @@ def test_multirun_writes_one_directory_per_job(tmp_path, quickstart):
 def test_wandb_logger_works_offline(tmp_path, quickstart):
     from kdir.run import train
 
-    train(_cfg(tmp_path, ["logger=wandb", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
-                          "eval_untrained=false"]))  # fmt: skip
+    train(
+        _cfg(
+            tmp_path, ["logger=wandb", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "eval_untrained=false"]
+        )
+    )
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     log = next(runs[0].glob("run-*.wandb")).read_bytes()  # offline: metrics and config live in the run log
@@ -114,8 +129,9 @@ def test_wandb_logger_works_offline(tmp_path, quickstart):
 
 
 def test_evaluate_cli_writes_run_metrics_and_table(tmp_path, quickstart):
-    r = run_cli("kdir.evaluate", f"hydra.run.dir={tmp_path}", "eval.test.index_factory=HNSW32",
-                "eval.metrics=[nDCG@10,P@5]")  # fmt: skip
+    r = run_cli(
+        "kdir.evaluate", f"hydra.run.dir={tmp_path}", "eval.test.index_factory=HNSW32", "eval.metrics=[nDCG@10,P@5]"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     assert set(metrics) == {"nDCG@10", "P@5"}
@@ -124,21 +140,30 @@ def test_evaluate_cli_writes_run_metrics_and_table(tmp_path, quickstart):
 
 
 def test_ddp_two_cpu_processes_train_and_evaluate(tmp_path, quickstart):
-    r = run_cli("kdir.run", "trainer=ddp_cpu", "trainer.max_epochs=1", "eval_untrained=false", "logger=none",
-                f"hydra.run.dir={tmp_path}")  # fmt: skip
+    r = run_cli(
+        "kdir.run",
+        "trainer=ddp_cpu",
+        "trainer.max_epochs=1",
+        "eval_untrained=false",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["trained"]["nDCG@10"] > 0.05
     assert (tmp_path / "runs" / "test.trec").read_text().count("\n") == 200 * 1000
 
 
-@pytest.mark.parametrize("args,message", [
-    (["loss=nope"], "Could not find 'loss/nope'"),
-    (["trainer.no_such_key=1"], "no_such_key"),
-    (["data.train.root=/does/not/exist"], "/does/not/exist: no such dataset folder"),
-    (["teacher=none"], "loss 'margin_mse' needs a teacher signal"),
-    (["eval.metrics=[nDGC@10]"], "unknown ir-measures measure 'nDGC@10'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["loss=nope"], "Could not find 'loss/nope'"),
+        (["trainer.no_such_key=1"], "no_such_key"),
+        (["data.train.root=/does/not/exist"], "/does/not/exist: no such dataset folder"),
+        (["teacher=none"], "loss 'margin_mse' needs a teacher signal"),
+        (["eval.metrics=[nDGC@10]"], "unknown ir-measures measure 'nDGC@10'"),
+    ],
+)
 def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path, args, message, quickstart):
     r = run_cli("kdir.run", *args, "eval_untrained=false", f"hydra.run.dir={tmp_path}")
     assert r.returncode != 0
@@ -147,8 +172,16 @@ def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path, args, message,
 
 def test_ddp_gather_across_devices_trains_with_the_global_in_batch_pool(tmp_path, quickstart):
     """Two gloo processes, hard-label InfoNCE over every rank's in-batch documents (the gather carries gradients)."""
-    r = run_cli("kdir.run", "experiment=quickstart_infonce", "trainer=ddp_cpu", "gather_across_devices=true",
-                "trainer.max_epochs=1", "eval_untrained=false", "logger=csv", f"hydra.run.dir={tmp_path}")  # fmt: skip
+    r = run_cli(
+        "kdir.run",
+        "experiment=quickstart_infonce",
+        "trainer=ddp_cpu",
+        "gather_across_devices=true",
+        "trainer.max_epochs=1",
+        "eval_untrained=false",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["trained"]["nDCG@10"] > 0.05

@@ -14,7 +14,7 @@ from conftest import ROOT, run_cli
 
 from kdir.data.dataset import IRDataset
 from kdir.models import BiEncoder
-from kdir.score import candidate_pairs
+from kdir.stores.scoring import candidate_pairs
 from kdir.stores import ScoreStore, pair_keys_from_ids
 
 
@@ -27,9 +27,19 @@ def teacher_dir(quickstart, tmp_path_factory):
 
 def _args(teacher_dir, store, *extra):
     run = "${quickstart:data}/runs/train.trec"
-    return ("kdir.score", "teacher=bi_encoder", f"teacher.model.path={teacher_dir}", f"store={store}",
-            f"run_file={run}", "depth=5", "chunk_size=700", "batch_size=64", "accelerator=cpu",
-            f"hydra.run.dir={store.parent / (store.name + '.run')}", *extra)  # fmt: skip
+    return (
+        "kdir.score",
+        "teacher=bi_encoder",
+        f"teacher.model.path={teacher_dir}",
+        f"store={store}",
+        f"run_file={run}",
+        "depth=5",
+        "chunk_size=700",
+        "batch_size=64",
+        "accelerator=cpu",
+        f"hydra.run.dir={store.parent / (store.name + '.run')}",
+        *extra,
+    )
 
 
 def _contents(store_path, dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -72,8 +82,13 @@ def test_scores_cover_the_pairs_and_equal_the_teacher(reference, teacher_dir, qu
 def test_killed_scoring_job_resumes_to_the_same_store(reference, teacher_dir, tmp_path, quickstart):
     store = tmp_path / "resumed.store"
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", *_args(teacher_dir, store, "compact=false")], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *_args(teacher_dir, store, "compact=false")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list((store / "segments").glob("*chunk-000002*.keys.npy"))) == 0:
         time.sleep(0.05)

@@ -27,8 +27,9 @@ def _rows_of(stream: ExampleStream, workers: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("n,batch,world,workers", [(65, 8, 2, 2), (100, 32, 3, 1), (5, 4, 2, 0), (64, 8, 1, 2)])
 def test_every_example_once_and_equal_steps_per_rank(n, batch, world, workers):
-    per_rank = [_rows_of(ExampleStream(_examples(n), batch, seed=1, rank=r, world_size=world), workers)
-                for r in range(world)]  # fmt: skip
+    per_rank = [
+        _rows_of(ExampleStream(_examples(n), batch, seed=1, rank=r, world_size=world), workers) for r in range(world)
+    ]
     seen = Counter(i for batches in per_rank for b in batches for i in b)
     assert sorted(seen) == list(range(n)) and set(seen.values()) == {1}
     assert len({len(b) for b in per_rank}) == 1  # same number of steps on every rank: no DDP hang

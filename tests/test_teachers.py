@@ -31,8 +31,14 @@ def bert_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_bert")
     tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(SPECIAL + WORDS + PUNCT)}, do_lower_case=True)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=512)  # fmt: skip
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     BertModel(config, add_pooling_layer=False).save_pretrained(out)
     tok.save_pretrained(out)
     return out

@@ -88,12 +88,16 @@ def build(results: Path) -> tuple[str, list[tuple[str, float, float]]]:
         vals = [v for v in (best_val(r) for r in recs) if v is not None]
         dev = fmt(vals) if vals else ""
         secs = min(r["seconds"] for r in recs)  # the least disturbed run
-        lines.append(f"| {row.key} | {row.label} | {len(recs)} | " + " | ".join(cols) + f" | {gap} | {dev} | "
-                     f"{secs / 60:.1f} min |")  # fmt: skip
+        lines.append(
+            f"| {row.key} | {row.label} | {len(recs)} | " + " | ".join(cols) + f" | {gap} | {dev} | "
+            f"{secs / 60:.1f} min |"
+        )
         bars.append((row.key, *mean_std([r["metrics"]["nDCG@10"] for r in recs])))
     hw = next((r[0]["hardware"] for r in records.values() if r), "")
-    lines.append(f"\nHardware: {hw}. n = seeds (students) or runs. Student test metrics are the checkpoint with the "
-                 "best dev nDCG@10 (100 held-out train queries). Wall time: the fastest of the seeds.")  # fmt: skip
+    lines.append(
+        f"\nHardware: {hw}. n = seeds (students) or runs. Student test metrics are the checkpoint with the "
+        "best dev nDCG@10 (100 held-out train queries). Wall time: the fastest of the seeds."
+    )
     return "\n".join(lines) + "\n", bars
 
 
@@ -105,8 +109,10 @@ def chart(bars: list[tuple[str, float, float]], base: float | None, out: Path) -
 
     names, means, stds = zip(*bars)
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1.2))
-    colors = ["#9e9e9e" if n.endswith("zero") or "zero_" in n else "#f28e2b" if n.startswith("teacher")
-              else "#4e79a7" for n in names]  # fmt: skip
+    colors = [
+        "#9e9e9e" if n.endswith("zero") or "zero_" in n else "#f28e2b" if n.startswith("teacher") else "#4e79a7"
+        for n in names
+    ]
     ax.barh(names, means, xerr=stds, color=colors, capsize=3)
     for y, m in enumerate(means):
         ax.text(m + 0.005, y, f"{m:.3f}", va="center", fontsize=8)

@@ -11,8 +11,8 @@ import sys
 import torch
 
 from kdir.data.dataset import IRDataset
-from kdir.retrieval.metrics import write_trec_run
 from kdir.models import DualEncoder
+from kdir.retrieval.metrics import write_trec_run
 
 model_dir, data_dir, out = sys.argv[1:4]
 k = int(sys.argv[4]) if len(sys.argv) > 4 else 100

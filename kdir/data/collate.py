@@ -48,8 +48,16 @@ class TrainCollator:
     losses that read labels skip them.
     """
 
-    def __init__(self, dataset: IRDataset, model: Preparer, layout: Layout, signal: TeacherSignal | None = None,
-                 generated: GeneratedQueries | None = None, generated_per_batch: int = 0, seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        dataset: IRDataset,
+        model: Preparer,
+        layout: Layout,
+        signal: TeacherSignal | None = None,
+        generated: GeneratedQueries | None = None,
+        generated_per_batch: int = 0,
+        seed: int = 0,
+    ):
         if generated is not None and generated_per_batch > 0 and layout != "inbatch":
             raise ValueError("generated queries need the inbatch layout (they have no documents of their own)")
         self.dataset, self.model, self.layout, self.signal = dataset, model, layout, signal

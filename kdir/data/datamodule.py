@@ -40,11 +40,22 @@ class DistillDataModule(pl.LightningDataModule):
             ``generated_per_batch`` extra rows (inbatch layout; they never get hard labels).
     """
 
-    def __init__(self, train: IRDataset, examples: QrelsExamples | TripleExamples, batch_size: int = 32,
-                 num_workers: int = 0, seed: int = 42, shuffle: bool = True, model: Preparer | None = None,
-                 layout: Layout = "pairwise", signal: TeacherSignal | None = None,
-                 val: RetrievalEvaluator | None = None, test: RetrievalEvaluator | None = None,
-                 generated: GeneratedQueries | None = None, generated_per_batch: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        train: IRDataset,
+        examples: QrelsExamples | TripleExamples,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 42,
+        shuffle: bool = True,
+        model: Preparer | None = None,
+        layout: Layout = "pairwise",
+        signal: TeacherSignal | None = None,
+        val: RetrievalEvaluator | None = None,
+        test: RetrievalEvaluator | None = None,
+        generated: GeneratedQueries | None = None,
+        generated_per_batch: int = 0,
+    ):
         super().__init__()
         self.generated, self.generated_per_batch = generated, generated_per_batch
         self.train, self.batch_size, self.num_workers = train, batch_size, num_workers
@@ -53,8 +64,13 @@ class DistillDataModule(pl.LightningDataModule):
         self.signal = signal.bind(train) if signal is not None else None
         self.val, self.test = val, test
         self.stream: ExampleStream | None = None
-        log.info("train: %s, %d examples, %d negatives each; teacher signal: %s", train.name, len(self.examples),
-                 self.examples.n_negatives, self.signal.mode if self.signal else "none")  # fmt: skip
+        log.info(
+            "train: %s, %d examples, %d negatives each; teacher signal: %s",
+            train.name,
+            len(self.examples),
+            self.examples.n_negatives,
+            self.signal.mode if self.signal else "none",
+        )
 
     def _world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -74,10 +90,17 @@ class DistillDataModule(pl.LightningDataModule):
         epoch = self.stream.epoch if self.stream is not None else 0
         self.stream = ExampleStream(self.examples, self.batch_size, self.seed, self.shuffle, rank, world)
         self.stream.set_epoch(epoch)
-        collate = TrainCollator(self.train, self.model, self.layout, self.signal, self.generated,
-                                self.generated_per_batch, self.seed)  # fmt: skip
-        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=collate,
-                          persistent_workers=False, pin_memory=False)  # fmt: skip
+        collate = TrainCollator(
+            self.train, self.model, self.layout, self.signal, self.generated, self.generated_per_batch, self.seed
+        )
+        return DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=False,
+            pin_memory=False,
+        )
 
     def _eval_loaders(self, evaluator: RetrievalEvaluator | None) -> list[DataLoader]:
         if evaluator is None:

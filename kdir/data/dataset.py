@@ -103,8 +103,9 @@ class IRDataset:
         return TextStore.from_pairs(((q, queries.texts[queries.index[q]]) for q in keep), source=name)
 
     @classmethod
-    def from_beir(cls, root: str | Path, split: str = "test", min_relevance: int = 1, name: str | None = None
-                  ) -> IRDataset:  # fmt: skip
+    def from_beir(
+        cls, root: str | Path, split: str = "test", min_relevance: int = 1, name: str | None = None
+    ) -> IRDataset:
         """Load a BEIR folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``; ``name`` labels logs."""
         root = Path(root)
         if not root.is_dir():

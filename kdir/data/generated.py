@@ -60,8 +60,9 @@ class GeneratedQueries:
                 if not text:
                     raise DataFormatError(path, lineno, "a non-empty query text in column 2", got=line)
                 if gid in seen:
-                    raise DataFormatError(path, lineno, f"a unique query id ({gid!r} is also on line {seen[gid]})",
-                                          got=line)  # fmt: skip
+                    raise DataFormatError(
+                        path, lineno, f"a unique query id ({gid!r} is also on line {seen[gid]})", got=line
+                    )
                 seen[gid] = lineno
                 source = fields[2].strip() if len(fields) == 3 else ""
                 ids.append(gid)

@@ -133,8 +133,14 @@ def build_model(out: Path, vocab: list[str], seed: int = 0, hidden: int = 64, la
     if tok.tokenize(tokens[-1]) != [tokens[-1]]:
         raise RuntimeError("quickstart tokenizer does not know its own vocabulary")
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=hidden * 4, max_position_embeddings=128)  # fmt: skip
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden * 4,
+        max_position_embeddings=128,
+    )
     BertModel(config, add_pooling_layer=False).save_pretrained(out)
     tok.save_pretrained(out)
 

@@ -29,8 +29,15 @@ class ExampleStream(IterableDataset):
         rank / world_size: this process's place in data-parallel training (set by the datamodule).
     """
 
-    def __init__(self, examples: Examples, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        examples: Examples,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         super().__init__()
         if len(examples) < world_size:
             raise EmptySplitError(f"{len(examples)} training examples cannot feed {world_size} ranks")

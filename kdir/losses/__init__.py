@@ -10,5 +10,18 @@ from kdir.losses.kl import KLDistill, kl_divergence
 from kdir.losses.margin_mse import MarginMSE, margin_mse
 from kdir.losses.softmax_ce_distill import SoftmaxCEDistill, softmax_ce_distill
 
-__all__ = ["Candidates", "Composite", "EmbedMatch", "InfoNCE", "KLDistill", "Loss", "MarginMSE", "SoftmaxCEDistill",
-           "embed_match", "infonce", "kl_divergence", "margin_mse", "softmax_ce_distill"]  # fmt: skip
+__all__ = [
+    "Candidates",
+    "Composite",
+    "EmbedMatch",
+    "InfoNCE",
+    "KLDistill",
+    "Loss",
+    "MarginMSE",
+    "SoftmaxCEDistill",
+    "embed_match",
+    "infonce",
+    "kl_divergence",
+    "margin_mse",
+    "softmax_ce_distill",
+]

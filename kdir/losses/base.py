@@ -63,9 +63,16 @@ class Candidates:
     def select(self, rows: Tensor) -> Candidates:
         """The candidates of the selected rows (the columns stay: in-batch documents are shared)."""
         opt = lambda t: None if t is None else t[rows]  # noqa: E731
-        return replace(self, student=self.student[rows], teacher=opt(self.teacher), positive=self.positive[rows],
-                       mask=self.mask[rows], false_negative=self.false_negative[rows], generated=opt(self.generated),
-                       embeddings={k: (s[rows], t[rows]) for k, (s, t) in self.embeddings.items()})  # fmt: skip
+        return replace(
+            self,
+            student=self.student[rows],
+            teacher=opt(self.teacher),
+            positive=self.positive[rows],
+            mask=self.mask[rows],
+            false_negative=self.false_negative[rows],
+            generated=opt(self.generated),
+            embeddings={k: (s[rows], t[rows]) for k, (s, t) in self.embeddings.items()},
+        )
 
 
 class Loss(nn.Module):
@@ -95,8 +102,10 @@ class Loss(nn.Module):
         if applies_to not in ("real", "generated", "all"):
             raise ValueError(f"applies_to must be real, generated or all, got {applies_to!r}")
         if self.uses_labels and applies_to != "real":
-            raise ValueError(f"loss {self.name!r} reads hard labels: it applies to real queries only "
-                             f"(generated queries have none), got applies_to={applies_to!r}")  # fmt: skip
+            raise ValueError(
+                f"loss {self.name!r} reads hard labels: it applies to real queries only "
+                f"(generated queries have none), got applies_to={applies_to!r}"
+            )
         self.layout, self.weight, self.applies_to = layout, float(weight), applies_to
 
     def compute(self, c: Candidates) -> Tensor:  # pragma: no cover - interface

@@ -22,9 +22,11 @@ Distance = Literal["l2", "mse", "cosine"]
 def embed_match(student: Tensor, teacher: Tensor, distance: Distance = "l2") -> Tensor:
     """Mean over rows of ``‖t − s‖₂`` (``l2``), ``‖t − s‖₂² / dim`` (``mse``) or ``1 − cos(t, s)`` (``cosine``)."""
     if student.shape != teacher.shape or student.dim() != 2:
-        raise ValueError(f"embed_match expects [N, dim] student and teacher embeddings of one size, got "
-                         f"{tuple(student.shape)} and {tuple(teacher.shape)} (set student_dim/teacher_dim "
-                         "to learn a projection)")  # fmt: skip
+        raise ValueError(
+            f"embed_match expects [N, dim] student and teacher embeddings of one size, got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)} (set student_dim/teacher_dim "
+            "to learn a projection)"
+        )
     s, t = student.float(), teacher.float()
     if distance == "l2":
         return torch.linalg.vector_norm(t - s, dim=-1).mean()
@@ -50,9 +52,17 @@ class EmbedMatch(Loss):
     name = "embed_match"
     uses_embeddings = True
 
-    def __init__(self, side: Literal["query", "doc"] = "query", distance: Distance = "l2", layout: Layout = "inbatch",
-                 student_dim: int | None = None, teacher_dim: int | None = None, normalize: bool = False,
-                 weight: float = 1.0, applies_to: AppliesTo | None = None):  # fmt: skip
+    def __init__(
+        self,
+        side: Literal["query", "doc"] = "query",
+        distance: Distance = "l2",
+        layout: Layout = "inbatch",
+        student_dim: int | None = None,
+        teacher_dim: int | None = None,
+        normalize: bool = False,
+        weight: float = 1.0,
+        applies_to: AppliesTo | None = None,
+    ):
         if side not in ("query", "doc"):
             raise ValueError(f"side must be query or doc, got {side!r}")
         self.uses_labels = side == "doc"  # the positive document of the query: real queries only
@@ -66,8 +76,10 @@ class EmbedMatch(Loss):
 
     def compute(self, c: Candidates) -> Tensor:
         if self.side not in c.embeddings:
-            raise ValueError(f"embed_match needs {self.side} embeddings of student and teacher in the batch: the "
-                             "teacher must embed (a bi-encoder, or a cross-encoder with dual_pooling)")  # fmt: skip
+            raise ValueError(
+                f"embed_match needs {self.side} embeddings of student and teacher in the batch: the "
+                "teacher must embed (a bi-encoder, or a cross-encoder with dual_pooling)"
+            )
         s, t = c.embeddings[self.side]
         if self.projection is not None:
             s = self.projection(s.float())

@@ -36,8 +36,13 @@ class InfoNCE(Loss):
     name = "infonce"
     uses_labels = True
 
-    def __init__(self, layout: Layout = "inbatch", temperature: float = 1.0, weight: float = 1.0,
-                 applies_to: AppliesTo | None = None):  # fmt: skip
+    def __init__(
+        self,
+        layout: Layout = "inbatch",
+        temperature: float = 1.0,
+        weight: float = 1.0,
+        applies_to: AppliesTo | None = None,
+    ):
         super().__init__(layout, weight, applies_to)
         self.temperature = temperature
 

@@ -15,20 +15,23 @@ from torch import Tensor
 from kdir.losses.base import AppliesTo, Candidates, Layout, Loss
 
 
-def log_softmaxes(student: Tensor, teacher: Tensor, mask: Tensor | None, tau_student: float, tau_teacher: float,
-                  name: str) -> tuple[Tensor, Tensor]:  # fmt: skip
+def log_softmaxes(
+    student: Tensor, teacher: Tensor, mask: Tensor | None, tau_student: float, tau_teacher: float, name: str
+) -> tuple[Tensor, Tensor]:
     """fp32 ``log softmax(s / τ_s)`` and ``log softmax(t / τ_t)`` over each row's unmasked ``[B, C]`` candidates."""
     if student.shape != teacher.shape or student.dim() != 2:
-        raise ValueError(f"{name} expects [B, C] student and teacher scores, got {tuple(student.shape)} and "
-                         f"{tuple(teacher.shape)}")  # fmt: skip
+        raise ValueError(
+            f"{name} expects [B, C] student and teacher scores, got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
     s, t = student.float() / tau_student, teacher.float() / tau_teacher
     if mask is not None:
         s, t = s.masked_fill(~mask, float("-inf")), t.masked_fill(~mask, float("-inf"))
     return F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
 
 
-def kl_divergence(student: Tensor, teacher: Tensor, mask: Tensor | None = None, tau_teacher: float = 0.25,
-                  tau_student: float = 1.0) -> Tensor:  # fmt: skip
+def kl_divergence(
+    student: Tensor, teacher: Tensor, mask: Tensor | None = None, tau_teacher: float = 0.25, tau_student: float = 1.0
+) -> Tensor:
     """``mean_i Σ_c P_t(c|i) [log P_t(c|i) − log P_s(c|i)]`` = KL(teacher ‖ student), in fp32.
 
     ``P_t = softmax(t / τ_teacher)`` and ``P_s = softmax(s / τ_student)`` over the unmasked candidates of a row.
@@ -55,8 +58,14 @@ class KLDistill(Loss):
     name = "kl"
     uses_teacher = True
 
-    def __init__(self, layout: Layout = "inbatch", tau_teacher: float = 0.25, tau_student: float = 1.0,
-                 weight: float = 1.0, applies_to: AppliesTo | None = None):  # fmt: skip
+    def __init__(
+        self,
+        layout: Layout = "inbatch",
+        tau_teacher: float = 0.25,
+        tau_student: float = 1.0,
+        weight: float = 1.0,
+        applies_to: AppliesTo | None = None,
+    ):
         super().__init__(layout, weight, applies_to)
         self.tau_teacher, self.tau_student = tau_teacher, tau_student
 

@@ -19,8 +19,10 @@ def margin_mse(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> 
     Computed in fp32: teacher logits are O(10) and the squared error is sensitive to rounding.
     """
     if student.shape != teacher.shape or student.dim() != 2 or student.shape[1] < 2:
-        raise ValueError(f"margin_mse expects [B, 1+n] student and teacher scores with n >= 1, "
-                         f"got {tuple(student.shape)} and {tuple(teacher.shape)}")  # fmt: skip
+        raise ValueError(
+            f"margin_mse expects [B, 1+n] student and teacher scores with n >= 1, "
+            f"got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
     s, t = student.float(), teacher.float()
     err = ((s[:, :1] - s[:, 1:]) - (t[:, :1] - t[:, 1:])).pow(2)  # [B, n]
     if mask is None:

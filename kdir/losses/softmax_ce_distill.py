@@ -10,8 +10,9 @@ from kdir.losses.base import AppliesTo, Candidates, Layout, Loss
 from kdir.losses.kl import log_softmaxes
 
 
-def softmax_ce_distill(student: Tensor, teacher: Tensor, mask: Tensor | None = None, temperature: float = 1.0
-                       ) -> Tensor:  # fmt: skip
+def softmax_ce_distill(
+    student: Tensor, teacher: Tensor, mask: Tensor | None = None, temperature: float = 1.0
+) -> Tensor:
     """``mean_i Σ_c −softmax(t_i / τ)_c · log softmax(s_i / τ)_c`` (one τ for both), in fp32.
 
     Equals KL(teacher ‖ student) plus the teacher's entropy (a constant): same gradients, different value.
@@ -32,8 +33,13 @@ class SoftmaxCEDistill(Loss):
     name = "softmax_ce_distill"
     uses_teacher = True
 
-    def __init__(self, layout: Layout = "inbatch", temperature: float = 1.0, weight: float = 1.0,
-                 applies_to: AppliesTo | None = None):  # fmt: skip
+    def __init__(
+        self,
+        layout: Layout = "inbatch",
+        temperature: float = 1.0,
+        weight: float = 1.0,
+        applies_to: AppliesTo | None = None,
+    ):
         super().__init__(layout, weight, applies_to)
         self.temperature = temperature
 

@@ -65,8 +65,12 @@ def maxsim(
 def _published_state(path: str | Path) -> dict[str, Tensor] | None:
     """The state dict of a published ColBERT checkpoint (``bert.*`` + ``linear.weight``), else ``None``."""
     for filename in ("model.safetensors", "pytorch_model.bin"):
-        file = cached_file(str(path), filename, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)  # fmt: skip
+        file = cached_file(
+            str(path),
+            filename,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
         if file is None:
             continue
         if filename.endswith(".safetensors"):
@@ -94,8 +98,13 @@ class ColBERTFormatter:
 
     def __call__(self, texts: Sequence[str]) -> dict[str, Tensor]:
         is_query = self.side == "query"
-        enc = self.tokenizer(list(texts), max_length=self.max_length - 1, truncation=True, return_tensors="pt",
-                             padding="max_length" if is_query else True)  # fmt: skip
+        enc = self.tokenizer(
+            list(texts),
+            max_length=self.max_length - 1,
+            truncation=True,
+            return_tensors="pt",
+            padding="max_length" if is_query else True,
+        )
         ids, mask = enc["input_ids"], enc["attention_mask"]
         marker = torch.full_like(ids[:, :1], self.marker_id)
         ids = torch.cat([ids[:, :1], marker, ids[:, 1:]], 1)
@@ -169,8 +178,10 @@ class ColBERT(Teacher):
             missing, unexpected = self.bert.load_state_dict(bert, strict=False)
             unexpected = [k for k in unexpected if not k.startswith("pooler.") and not k.endswith("position_ids")]
             if missing or unexpected:
-                raise ValueError(f"{model_name_or_path}: ColBERT weights do not fit the backbone "
-                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")  # fmt: skip
+                raise ValueError(
+                    f"{model_name_or_path}: ColBERT weights do not fit the backbone "
+                    f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+                )
             dim = state["linear.weight"].shape[0]
         else:
             self.bert = _load_backbone(model_name_or_path)
@@ -182,12 +193,21 @@ class ColBERT(Teacher):
             self.linear.weight.data.copy_(state["linear.weight"])
         elif saved is not None:
             self.linear.load_state_dict(saved)
-        self.config = dict(dim=dim, similarity=similarity, query_max_length=query_max_length,
-                           doc_max_length=doc_max_length, mask_punctuation=mask_punctuation,
-                           attend_to_mask_tokens=attend_to_mask_tokens, query_marker=query_marker,
-                           doc_marker=doc_marker, normalize_queries=normalize_queries, bias=bias)  # fmt: skip
-        self.query_formatter = ColBERTFormatter(self.tokenizer, "query", self.marker_ids["query"], query_max_length,
-                                                attend_to_mask_tokens)  # fmt: skip
+        self.config = dict(
+            dim=dim,
+            similarity=similarity,
+            query_max_length=query_max_length,
+            doc_max_length=doc_max_length,
+            mask_punctuation=mask_punctuation,
+            attend_to_mask_tokens=attend_to_mask_tokens,
+            query_marker=query_marker,
+            doc_marker=doc_marker,
+            normalize_queries=normalize_queries,
+            bias=bias,
+        )
+        self.query_formatter = ColBERTFormatter(
+            self.tokenizer, "query", self.marker_ids["query"], query_max_length, attend_to_mask_tokens
+        )
         self.doc_formatter = ColBERTFormatter(self.tokenizer, "doc", self.marker_ids["doc"], doc_max_length)
 
     def tokenize(self, texts: Sequence[str], side: Side) -> dict[str, Tensor]:

@@ -44,16 +44,20 @@ class CrossEncoder(Teacher):
     ):
         super().__init__()
         if max_length < query_max_length + 4:
-            raise ValueError(f"max_length={max_length} leaves no room for the document "
-                             f"(query_max_length={query_max_length} + 3 special tokens)")  # fmt: skip
+            raise ValueError(
+                f"max_length={max_length} leaves no room for the document "
+                f"(query_max_length={query_max_length} + 3 special tokens)"
+            )
         self.config = dict(query_max_length=query_max_length, max_length=max_length, dual_pooling=dual_pooling)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_name_or_path))
         if not self.tokenizer.is_fast:
             raise ValueError(f"{model_name_or_path}: kdir needs a fast tokenizer")
         self.use_token_types = "token_type_ids" in self.tokenizer.model_input_names
         if dual_pooling and not self.use_token_types:
-            raise ValueError(f"{model_name_or_path}: dual pooling finds the query by token_type_ids, which this "
-                             "tokenizer does not produce")  # fmt: skip
+            raise ValueError(
+                f"{model_name_or_path}: dual pooling finds the query by token_type_ids, which this "
+                "tokenizer does not produce"
+            )
         if dual_pooling:
             self.model = _load_backbone(model_name_or_path)
         else:
@@ -68,8 +72,13 @@ class CrossEncoder(Teacher):
 
     def _truncate_queries(self, queries: Sequence[str]) -> list[str]:
         """Cut each query text after its ``query_max_length``-th token."""
-        enc = self.tokenizer(list(queries), add_special_tokens=False, truncation=True,
-                             max_length=self.config["query_max_length"], return_offsets_mapping=True)  # fmt: skip
+        enc = self.tokenizer(
+            list(queries),
+            add_special_tokens=False,
+            truncation=True,
+            max_length=self.config["query_max_length"],
+            return_offsets_mapping=True,
+        )
         return [q[: offsets[-1][1]] if offsets else q for q, offsets in zip(queries, enc["offset_mapping"])]
 
     def prepare(
@@ -80,9 +89,16 @@ class CrossEncoder(Teacher):
         n_cand = cand.shape[1]
         q_texts = [q for q in self._truncate_queries(queries) for _ in range(n_cand)]
         d_texts = [docs[j] for j in cand.reshape(-1).tolist()]
-        enc = self.tokenizer(q_texts, d_texts, truncation="only_second", max_length=self.config["max_length"],
-                             padding=True, return_tensors="pt", return_token_type_ids=self.use_token_types,
-                             return_special_tokens_mask=self.config["dual_pooling"])  # fmt: skip
+        enc = self.tokenizer(
+            q_texts,
+            d_texts,
+            truncation="only_second",
+            max_length=self.config["max_length"],
+            padding=True,
+            return_tensors="pt",
+            return_token_type_ids=self.use_token_types,
+            return_special_tokens_mask=self.config["dual_pooling"],
+        )
         return dict(enc) | {"candidates": cand}
 
     def _encode(self, inputs: dict[str, Tensor]):

@@ -36,8 +36,9 @@ class TextFormatter:
     Light and picklable, so dataloader workers carry it instead of the model.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, prefix: str = "",
-                 mask_padding: bool = False):  # fmt: skip
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, max_length: int, prefix: str = "", mask_padding: bool = False
+    ):
         if mask_padding and tokenizer.mask_token_id is None:
             raise ValueError("mask_padding needs a tokenizer with a [MASK] token")
         self.tokenizer, self.max_length, self.prefix, self.mask_padding = tokenizer, max_length, prefix, mask_padding
@@ -45,8 +46,13 @@ class TextFormatter:
     def __call__(self, texts: Sequence[str]) -> dict[str, Tensor]:
         if self.prefix:
             texts = [self.prefix + t for t in texts]
-        enc = self.tokenizer(list(texts), max_length=self.max_length, truncation=True, return_tensors="pt",
-                             padding="max_length" if self.mask_padding else True)  # fmt: skip
+        enc = self.tokenizer(
+            list(texts),
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+            padding="max_length" if self.mask_padding else True,
+        )
         ids, mask = enc["input_ids"], enc["attention_mask"]
         if self.mask_padding:
             filler = (mask == 0) | (ids == self.tokenizer.sep_token_id)
@@ -127,11 +133,18 @@ class DualEncoder(nn.Module):
         if doc_path is None and not shared and (path / "doc").is_dir():
             doc_path = path / "doc"
         self.config = dict(
-            pooling=pooling, skip_tokens=skip_tokens, shared=shared, projection_dim=projection_dim,
-            similarity=similarity, query_max_length=query_max_length, doc_max_length=doc_max_length,
-            query_prefix=query_prefix, doc_prefix=doc_prefix, query_mask_padding=query_mask_padding,
+            pooling=pooling,
+            skip_tokens=skip_tokens,
+            shared=shared,
+            projection_dim=projection_dim,
+            similarity=similarity,
+            query_max_length=query_max_length,
+            doc_max_length=doc_max_length,
+            query_prefix=query_prefix,
+            doc_prefix=doc_prefix,
+            query_mask_padding=query_mask_padding,
             freeze_doc_encoder=freeze_doc_encoder,
-        )  # fmt: skip
+        )
         if freeze_doc_encoder and shared:
             raise ValueError("freeze_doc_encoder needs separate towers (shared=false)")
         self.query_encoder = _load_backbone(model_name_or_path)
@@ -144,8 +157,9 @@ class DualEncoder(nn.Module):
         if freeze_doc_encoder:  # only the query side is projected, onto the frozen tower's space
             out = doc_hidden if projection_dim is None else projection_dim
             if projection_dim is not None and projection_dim != doc_hidden:
-                raise ValueError(f"projection_dim={projection_dim} must equal the frozen document tower's size "
-                                 f"{doc_hidden}")  # fmt: skip
+                raise ValueError(
+                    f"projection_dim={projection_dim} must equal the frozen document tower's size {doc_hidden}"
+                )
             self.query_projection = nn.Linear(hidden, out) if out != hidden or projection_dim else None
             self.doc_projection = None
             self.config["projection_dim"] = out if self.query_projection is not None else None
@@ -211,8 +225,11 @@ class DualEncoder(nn.Module):
             docs: the batch's distinct document texts.
             candidates: ``[B, C]`` indices into ``docs`` (the candidate layout).
         """
-        return {"query": self.query_formatter(queries), "doc": self.doc_formatter(docs),
-                "candidates": torch.as_tensor(np.asarray(candidates), dtype=torch.long)}  # fmt: skip
+        return {
+            "query": self.query_formatter(queries),
+            "doc": self.doc_formatter(docs),
+            "candidates": torch.as_tensor(np.asarray(candidates), dtype=torch.long),
+        }
 
     def embed(self, inputs: dict) -> tuple[Tensor, Tensor]:
         """Embeddings of a prepared batch: queries ``[B, dim]`` and its distinct documents ``[D, dim]``."""

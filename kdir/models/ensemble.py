@@ -53,9 +53,10 @@ class Ensemble(Teacher):
                 raise ValueError(f"need {len(self.members)} weights with a positive sum, got {weights}")
         self.normalize, self.weights = normalize, weights
         self.config = dict(
-            normalize=normalize, weights=weights,
+            normalize=normalize,
+            weights=weights,
             members={n: f"{type(m).__module__}.{type(m).__qualname__}" for n, m in self.members.items()},
-        )  # fmt: skip
+        )
 
     def prepare(
         self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor

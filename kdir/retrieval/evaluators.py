@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,9 +14,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdir.data.collate import EncodeCollator
 from kdir.data.dataset import IRDataset
-from kdir.retrieval.metrics import Run, evaluate_run, parse_measures, run_from_topk
+from kdir.retrieval.metrics import Run, evaluate_run, parse_measures, run_from_topk, write_trec_run
 from kdir.retrieval.search import search
 from kdir.stores import id_hashes
+from kdir.utils import print_metrics, save_json
 
 if TYPE_CHECKING:
     from kdir.models.dual_encoder import DualEncoder, TextFormatter
@@ -49,19 +52,34 @@ class RetrievalEvaluator:
         batch_size: encoding batch size.
     """
 
-    def __init__(self, dataset: IRDataset, metrics: Sequence[str] = DEFAULT_METRICS, depth: int = 1000,
-                 index_factory: str = "Flat", use_gpu: bool | None = None, batch_size: int = 128):  # fmt: skip
+    def __init__(
+        self,
+        dataset: IRDataset,
+        metrics: Sequence[str] = DEFAULT_METRICS,
+        depth: int = 1000,
+        index_factory: str = "Flat",
+        use_gpu: bool | None = None,
+        batch_size: int = 128,
+    ):
         parse_measures(metrics)  # fail early on a bad name
         self.dataset, self.metrics, self.depth = dataset, list(metrics), depth
         self.index_factory, self.use_gpu, self.batch_size = index_factory, use_gpu, batch_size
 
-    def dataloaders(self, query_formatter: TextFormatter, doc_formatter: TextFormatter, num_workers: int = 0
-                    ) -> list[DataLoader]:  # fmt: skip
+    def dataloaders(
+        self, query_formatter: TextFormatter, doc_formatter: TextFormatter, num_workers: int = 0
+    ) -> list[DataLoader]:
         """``[queries, corpus]`` loaders of ``{"tokens", "rows"}`` batches (Lightning shards them under DDP)."""
         out = []
         for texts, fmt in ((self.dataset.queries.texts, query_formatter), (self.dataset.corpus.texts, doc_formatter)):
-            out.append(DataLoader(LengthSortedRows(texts), batch_size=self.batch_size, shuffle=False,
-                                  num_workers=num_workers, collate_fn=EncodeCollator(texts, fmt)))  # fmt: skip
+            out.append(
+                DataLoader(
+                    LengthSortedRows(texts),
+                    batch_size=self.batch_size,
+                    shuffle=False,
+                    num_workers=num_workers,
+                    collate_fn=EncodeCollator(texts, fmt),
+                )
+            )
         return out
 
     def retrieve(self, queries: np.ndarray | torch.Tensor, docs: np.ndarray | torch.Tensor) -> Run:
@@ -74,8 +92,9 @@ class RetrievalEvaluator:
     def score(self, run: Run) -> dict[str, float]:
         return evaluate_run(run, self.dataset.qrels, self.metrics)
 
-    def evaluate(self, encoder: DualEncoder, device: str | torch.device | None = None, progress: bool = True
-                 ) -> tuple[dict[str, float], Run]:  # fmt: skip
+    def evaluate(
+        self, encoder: DualEncoder, device: str | torch.device | None = None, progress: bool = True
+    ) -> tuple[dict[str, float], Run]:
         """Encode, search and score in one process (``python -m kdir.evaluate``); returns ``(metrics, run)``."""
         kw = dict(batch_size=self.batch_size, device=device, progress=progress)
         q = encoder.encode_queries(self.dataset.queries.texts, **kw)
@@ -106,8 +125,14 @@ class RerankEvaluator:
         batch_size: queries per scoring call.
     """
 
-    def __init__(self, dataset: IRDataset, run_file: str, depth: int = 100, metrics: Sequence[str] = DEFAULT_METRICS,
-                 batch_size: int = 8):  # fmt: skip
+    def __init__(
+        self,
+        dataset: IRDataset,
+        run_file: str,
+        depth: int = 100,
+        metrics: Sequence[str] = DEFAULT_METRICS,
+        batch_size: int = 8,
+    ):
         parse_measures(metrics)
         self.dataset, self.run_file, self.depth, self.metrics, self.batch_size = (
             dataset,
@@ -130,12 +155,22 @@ class RerankEvaluator:
             width = max(len(cands[i]) for i in rows)
             if width == 0:
                 continue
-            grid = np.stack([np.pad(cands[i], (0, width - len(cands[i])), mode="edge") if len(cands[i]) else
-                             np.zeros(width, dtype=np.int64) for i in rows])  # fmt: skip
+            grid = np.stack(
+                [
+                    np.pad(cands[i], (0, width - len(cands[i])), mode="edge")
+                    if len(cands[i])
+                    else np.zeros(width, dtype=np.int64)
+                    for i in rows
+                ]
+            )
             docs, inverse = np.unique(grid, return_inverse=True)
             keys = {"query_keys": id_hashes([ds.queries.ids[i] for i in rows])} if uses_keys else {}
-            inputs = model.prepare([ds.queries.texts[i] for i in rows], [ds.corpus.texts[d] for d in docs],
-                                   inverse.reshape(grid.shape), **keys)  # fmt: skip
+            inputs = model.prepare(
+                [ds.queries.texts[i] for i in rows],
+                [ds.corpus.texts[d] for d in docs],
+                inverse.reshape(grid.shape),
+                **keys,
+            )
             scores = model(inputs).float().cpu().numpy()
             for r, i in enumerate(rows):
                 run[ds.queries.ids[i]] = {ds.corpus.ids[d]: float(x) for d, x in zip(cands[i], scores[r])}
@@ -150,14 +185,25 @@ class MaxSimEvaluator(RetrievalEvaluator):
     across ranks) and calls :meth:`retrieve`; standalone, :meth:`evaluate` does everything.
     """
 
-    def __init__(self, dataset: IRDataset, depth: int = 1000, metrics: Sequence[str] = DEFAULT_METRICS,
-                 batch_size: int = 64, doc_chunk: int = 1024):  # fmt: skip
+    def __init__(
+        self,
+        dataset: IRDataset,
+        depth: int = 1000,
+        metrics: Sequence[str] = DEFAULT_METRICS,
+        batch_size: int = 64,
+        doc_chunk: int = 1024,
+    ):
         super().__init__(dataset, metrics, depth, batch_size=batch_size)
         self.doc_chunk = doc_chunk
 
     @torch.no_grad()
-    def retrieve(self, queries: tuple[torch.Tensor, torch.Tensor], docs: tuple[torch.Tensor, torch.Tensor],
-                 similarity: str = "cosine", device: str | torch.device | None = None) -> Run:  # fmt: skip
+    def retrieve(
+        self,
+        queries: tuple[torch.Tensor, torch.Tensor],
+        docs: tuple[torch.Tensor, torch.Tensor],
+        similarity: str = "cosine",
+        device: str | torch.device | None = None,
+    ) -> Run:
         """Top-``depth`` run from ``(embeddings [N, L, dim], mask [N, L])`` of the queries and the corpus."""
         from kdir.models.colbert import maxsim
 
@@ -168,8 +214,13 @@ class MaxSimEvaluator(RetrievalEvaluator):
         top_scores, top_rows = [], []
         for s in range(0, len(q), self.batch_size):
             qb, mb = q[s : s + self.batch_size].to(device).float(), q_mask[s : s + self.batch_size].to(device)
-            scores = torch.cat([maxsim(qb, mb, d[c : c + self.doc_chunk].float(), d_mask[c : c + self.doc_chunk],
-                                       similarity) for c in range(0, len(d), self.doc_chunk)], dim=1)  # fmt: skip
+            scores = torch.cat(
+                [
+                    maxsim(qb, mb, d[c : c + self.doc_chunk].float(), d_mask[c : c + self.doc_chunk], similarity)
+                    for c in range(0, len(d), self.doc_chunk)
+                ],
+                dim=1,
+            )
             top = scores.topk(k, dim=1)
             top_scores.append(top.values.cpu())
             top_rows.append(top.indices.cpu())
@@ -177,8 +228,9 @@ class MaxSimEvaluator(RetrievalEvaluator):
         return run_from_topk(self.dataset.queries.ids, self.dataset.corpus.ids, scores, rows)
 
     @torch.no_grad()
-    def encode_side(self, model, texts: Sequence[str], side: str, progress: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def encode_side(
+        self, model, texts: Sequence[str], side: str, progress: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(fp16 embeddings [N, L, dim], bool mask [N, L])`` of ``texts``, padded to the model's maximum length."""
         from tqdm.auto import tqdm
 
@@ -205,3 +257,17 @@ class MaxSimEvaluator(RetrievalEvaluator):
             model.train(was_training)
         run = self.retrieve(queries, docs, model.config["similarity"])
         return self.score(run), run
+
+
+def evaluate_and_save(
+    evaluator, model: torch.nn.Module, out: Path, run_name: str, progress: bool = True, **extra
+) -> dict[str, float]:
+    """Evaluate a teacher; write ``run.trec`` and ``metrics.json`` (+ ``extra`` fields) to ``out``; print a table."""
+    start = time.perf_counter()
+    metrics, run = evaluator.evaluate(model, progress=progress)
+    seconds = time.perf_counter() - start
+    write_trec_run(run, out / "run.trec", tag=run_name)
+    record = {"dataset": evaluator.dataset.name, "metrics": metrics, "eval_seconds": seconds, **extra}
+    save_json(record, out / "metrics.json")
+    print_metrics({run_name: metrics}, title=f"{evaluator.dataset.name} (teacher, {seconds:.1f} s)")
+    return metrics

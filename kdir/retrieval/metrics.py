@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ir_measures
 import numpy as np
+
+if TYPE_CHECKING:
+    from kdir.data.dataset import IRDataset
 
 Run = dict[str, dict[str, float]]
 
@@ -50,3 +54,11 @@ def write_trec_run(run: Run, path: str | Path, tag: str = "kdir") -> Path:
                 f.write(f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n")
     os.replace(tmp, path)
     return path
+
+
+def positive_share(run: Run, dataset: IRDataset) -> float:
+    """Fraction of the run's candidates that are labelled positives (negatives too, unless excluded)."""
+    pos = dataset.positives()
+    total = sum(len(docs) for docs in run.values())
+    hits = sum(1 for qid, docs in run.items() for pid in docs if pid in pos.get(qid, ()))
+    return hits / total if total else 0.0

@@ -30,8 +30,9 @@ class Throughput(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.stamps, self.paused = [time.perf_counter()], 0.0
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
-                           ) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         self.stamps.append(time.perf_counter() - self.paused)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -45,12 +46,18 @@ class Throughput(pl.Callback):
     def summary(self, queries_per_step: int) -> dict[str, float]:
         steps = len(self.stamps) - 1
         total = self.stamps[-1] - self.stamps[0] if steps else 0.0
-        out = {"steps": steps, "queries_per_step": queries_per_step, "seconds": total,
-               "queries_per_s": steps * queries_per_step / total if total else 0.0}  # fmt: skip
+        out = {
+            "steps": steps,
+            "queries_per_step": queries_per_step,
+            "seconds": total,
+            "queries_per_s": steps * queries_per_step / total if total else 0.0,
+        }
         if steps > self.warmup_steps:
             steady = self.stamps[-1] - self.stamps[self.warmup_steps]
-            out |= {"steady_seconds": steady,
-                    "steady_queries_per_s": (steps - self.warmup_steps) * queries_per_step / steady}  # fmt: skip
+            out |= {
+                "steady_seconds": steady,
+                "steady_queries_per_s": (steps - self.warmup_steps) * queries_per_step / steady,
+            }
         return out
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -60,7 +67,13 @@ class Throughput(pl.Callback):
         per_step = getattr(dm, "batch_size", 0) * trainer.world_size
         s = self.summary(per_step)
         steady = s.get("steady_queries_per_s", float("nan"))
-        log.info("training throughput: %d batches in %.1f s, %.1f queries/s (%.1f after %d warm-up batches)",
-                 s["steps"], s["seconds"], s["queries_per_s"], steady, self.warmup_steps)  # fmt: skip
+        log.info(
+            "training throughput: %d batches in %.1f s, %.1f queries/s (%.1f after %d warm-up batches)",
+            s["steps"],
+            s["seconds"],
+            s["queries_per_s"],
+            steady,
+            self.warmup_steps,
+        )
         if self.output_dir is not None:
             save_json(s, Path(self.output_dir) / "throughput.json")

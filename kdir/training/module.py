@@ -48,10 +48,19 @@ class DistillModule(pl.LightningModule):
             CollectiveKD's released training).
     """
 
-    def __init__(self, student: DualEncoder, loss: Loss, optimizer: Callable[..., torch.optim.Optimizer],
-                 warmup: float = 0.1, val: RetrievalEvaluator | None = None, test: RetrievalEvaluator | None = None,
-                 output_dir: str | Path | None = None, signal: TeacherSignal | None = None,
-                 gather_across_devices: bool = False, schedule: str = "linear"):  # fmt: skip
+    def __init__(
+        self,
+        student: DualEncoder,
+        loss: Loss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        warmup: float = 0.1,
+        val: RetrievalEvaluator | None = None,
+        test: RetrievalEvaluator | None = None,
+        output_dir: str | Path | None = None,
+        signal: TeacherSignal | None = None,
+        gather_across_devices: bool = False,
+        schedule: str = "linear",
+    ):
         super().__init__()
         if schedule not in ("linear", "constant"):
             raise ValueError(f"schedule must be linear or constant, got {schedule!r}")
@@ -80,8 +89,9 @@ class DistillModule(pl.LightningModule):
             teacher = self.signal.scores(batch) if self.signal is not None else None
         student = student.float()
         mask = torch.ones_like(student, dtype=torch.bool) if teacher is None else ~torch.isnan(teacher)
-        return Candidates(student, teacher, positive, mask, false_negative, self.loss.layout,
-                          batch.get("generated"), embeddings)  # fmt: skip
+        return Candidates(
+            student, teacher, positive, mask, false_negative, self.loss.layout, batch.get("generated"), embeddings
+        )
 
     def _gathered_scores(self, batch: dict) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """Scores against the in-batch documents of every rank (positives first over all ranks)."""

@@ -200,8 +200,10 @@ class TeacherSignal:
     def embed(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Teacher embeddings of the batch's queries ``[B, d]`` and distinct documents ``[D, d]`` (bi-encoders)."""
         if self.mode != "online" or not hasattr(self.model, "embed"):
-            raise KdirError(f"gathering candidates across devices needs an online bi-encoder teacher, got "
-                            f"{type(self.model).__name__} in mode {self.mode!r}")  # fmt: skip
+            raise KdirError(
+                f"gathering candidates across devices needs an online bi-encoder teacher, got "
+                f"{type(self.model).__name__} in mode {self.mode!r}"
+            )
         return self.model.embed(batch["teacher_inputs"])
 
     def _labels(self, scores: Tensor, batch: dict) -> Tensor:

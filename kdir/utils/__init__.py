@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
-from kdir.utils.config import instantiate_group, print_metrics, register_resolvers, resolve_device, save_json
+from kdir.utils.config import (
+    instantiate_group,
+    instantiate_model,
+    print_metrics,
+    register_resolvers,
+    resolve_device,
+    save_json,
+)
 
-__all__ = ["instantiate_group", "print_metrics", "register_resolvers", "resolve_device", "save_json"]
+__all__ = [
+    "instantiate_group",
+    "instantiate_model",
+    "print_metrics",
+    "register_resolvers",
+    "resolve_device",
+    "save_json",
+]

@@ -90,3 +90,19 @@ def print_metrics(columns: Mapping[str, Mapping[str, float]], title: str) -> Non
     for m in measures:
         table.add_row(m, *(f"{col[m]:.4f}" if m in col else "-" for col in columns.values()))
     Console(width=120).print(table)
+
+
+def instantiate_model(node: DictConfig, what: str = "student") -> Any:
+    """Instantiate a model node; a folder or hub name that cannot be loaded is a :class:`KdirError` naming it."""
+    from hydra.utils import instantiate
+
+    from kdir.errors import KdirError
+
+    path = str(node.get("path") or node.get("model_name_or_path"))
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        raise KdirError(f"{path}: no such {what} folder (expected an exported kdir model or an HF encoder)")
+    try:
+        return instantiate(node)
+    except Exception as e:  # Hydra wraps the loader's OSError / ValueError in an InstantiationException
+        cause = e.__cause__ or e
+        raise KdirError(f"cannot load the {what} from {path}: {type(cause).__name__}: {cause}") from None
