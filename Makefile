@@ -21,12 +21,12 @@ test-slow: ## real-data checks (SciFact with real MiniLM models; needs ../shared
 	$(PYTHON) -m pytest -m slow
 
 lint: ## ruff lint + format check
-	$(PYTHON) -m ruff check kdir tests
-	$(PYTHON) -m ruff format --check kdir tests
+	$(PYTHON) -m ruff check kdir tests benchmarks experiments
+	$(PYTHON) -m ruff format --check kdir tests benchmarks experiments
 
 format: ## ruff autofix + format
-	$(PYTHON) -m ruff check --fix kdir tests
-	$(PYTHON) -m ruff format kdir tests
+	$(PYTHON) -m ruff check --fix kdir tests benchmarks experiments
+	$(PYTHON) -m ruff format kdir tests benchmarks experiments
 
 train: ## distil: python -m kdir.run $(ARGS)  (no ARGS: the offline quickstart)
 	$(PYTHON) -m kdir.run $(ARGS)

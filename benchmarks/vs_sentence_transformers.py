@@ -4,11 +4,11 @@
 
 Training: the same student (paraphrase-MiniLM-L3-v2, mean pooling, dot product, 64/128 tokens), the same
 (query, positive, negative) triples of SciFact train with the same cached cross-encoder margins, batch size,
-learning rate, warm-up, steps, precision and data-loader workers. kdir trains through ``kdir.run.train``
-(fixed triples + cached scores imported once into a score store); sentence-transformers through its
-``SentenceTransformerTrainer`` with ``MarginMSELoss``. Both loops are timed by callbacks from the first to
-the last training batch (model loading, data import and the trainers' setup excluded); the steady rate
-skips the first ``--warmup`` batches.
+learning rate, warm-up, steps, precision and data-loader workers. kdir trains through ``python -m kdir.run``,
+run in this process by ``kdir.utils.run_command`` (fixed triples + cached scores imported once into a score
+store); sentence-transformers through its ``SentenceTransformerTrainer`` with ``MarginMSELoss``. Both loops
+are timed by callbacks from the first to the last training batch (model loading, data import and the
+trainers' setup excluded); the steady rate skips the first ``--warmup`` batches.
 
 Evaluation: the zero-shot L3 (cosine, 128 tokens) on SciFact test (300 queries, 5,183 documents): kdir's
 ``RetrievalEvaluator`` (encode → FAISS → TREC run → ir-measures) vs ``SentenceTransformer.encode`` → FAISS
@@ -61,56 +61,49 @@ def write_triples(store: Path, negatives: Path, depth: int, out: Path, seed: int
 
 
 def kdir_train(triples: Path, args, work: Path) -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf, open_dict
+    from kdir.utils import run_command
 
-    from kdir.run import train
-
-    conf = Path(__file__).resolve().parents[1] / "conf"
     out = work / "kdir_run"
-    with initialize_config_dir(str(conf), version_base="1.3"):
-        cfg = compose(
-            "run",
-            return_hydra_config=False,
-            overrides=[
-                "experiment=margin_mse",
-                "student=minilm_l3",
-                f"student.model_name_or_path={L3}",
-                "student.similarity=dot",
-                "student.query_max_length=64",
-                "student.doc_max_length=128",
-                "teacher=scores",
-                f"teacher.store={work / 'kdir.store'}",
-                f"teacher.import_file={triples}",
-                "teacher.import_format=margin_scores",
-                "data=scifact",
-                "optim=adamw",
-                f"optim.optimizer.lr={args.lr}",
-                f"optim.warmup={args.warmup_frac}",
-                f"data.batch_size={args.batch_size}",
-                f"data.num_workers={args.workers}",
-                "logger=none",
-                "eval_untrained=false",
-                "export_student=false",
-                f"trainer.max_steps={args.steps}",
-                "trainer.max_epochs=-1",
-                f"trainer.accelerator={args.accelerator}",
-                f"trainer.precision={args.precision}",
-                "+trainer.enable_checkpointing=false",
-                f"seed={args.seed}",
-            ],
-        )
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.data.examples = OmegaConf.create(
-            {"_target_": "kdir.data.examples.TripleExamples", "path": str(triples), "format": "margin_scores"}
-        )
-        cfg.eval = OmegaConf.create({"val": None, "test": None})
-        clock = {"_target_": "kdir.training.callbacks.Throughput", "warmup_steps": args.warmup, "output_dir": str(out)}
-        cfg.callbacks = OmegaConf.create({"throughput": clock})
-        cfg.run_name = "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    train(cfg)
+    overrides = [
+        "experiment=margin_mse",
+        "student=minilm_l3",
+        f"student.model_name_or_path={L3}",
+        "student.similarity=dot",
+        "student.query_max_length=64",
+        "student.doc_max_length=128",
+        "teacher=scores",
+        f"signal.store={work / 'kdir.store'}",
+        f"signal.import_file={triples}",
+        "signal.import_format=margin_scores",
+        "data=scifact",
+        "~data.examples",  # fixed triples instead of qrels + negatives
+        "+data.examples._target_=kdir.data.examples.TripleExamples",
+        f"+data.examples.path='{triples}'",
+        "+data.examples.format=margin_scores",
+        "optim=adamw",
+        f"optim.optimizer.lr={args.lr}",
+        f"optim.warmup={args.warmup_frac}",
+        f"data.batch_size={args.batch_size}",
+        f"data.num_workers={args.workers}",
+        "eval.val=null",
+        "eval.test=null",
+        "~callbacks.model_checkpoint",
+        f"callbacks.throughput.warmup_steps={args.warmup}",
+        "logger=none",
+        "eval_untrained=false",
+        "export_student=false",
+        f"trainer.max_steps={args.steps}",
+        "trainer.max_epochs=-1",
+        f"trainer.accelerator={args.accelerator}",
+        f"trainer.precision={args.precision}",
+        "+trainer.enable_checkpointing=false",
+        f"seed={args.seed}",
+        "run_name=bench",
+        f"hydra.run.dir={out}",
+    ]
+    status = run_command("kdir.run", *overrides)  # `python -m kdir.run ...`, in this process
+    if status != 0:
+        raise SystemExit(f"kdir.run exited with status {status}; see {out}/run.log")
     return json.loads((out / "throughput.json").read_text())
 
 

@@ -1,9 +1,27 @@
-"""kdir: knowledge distillation into dense retrievers (Hydra + PyTorch Lightning + FAISS + ir-measures)."""
+"""kdir: knowledge distillation into dense retrievers (Hydra + PyTorch Lightning + FAISS + ir-measures).
+
+The package root holds the commands (``python -m kdir.<command>``), each a Hydra app of glue only:
+
+==================== ==========================================================================
+``run``              distil a student from a teacher signal (the default: the offline quickstart)
+``evaluate``         end-to-end retrieval evaluation of any encoder
+``evaluate_teacher`` evaluate a teacher as it is (re-ranking, or MaxSim retrieval)
+``train_teacher``    train a teacher with hard labels
+``score``            score candidate pairs with a teacher into a score store (resumable, multi-process)
+``mine``             hard negatives from a student's own index
+``expand``           CollectiveKD's PRF collective knowledge into an expansion store
+``generate_queries`` EmbedDistill's unlabelled generated queries
+==================== ==========================================================================
+
+The library lives in role-named subpackages, each importing only the layers below it:
+``errors`` / ``utils.io`` / ``utils.report`` → ``data`` → ``stores`` → ``models`` → ``losses`` → ``retrieval``
+→ ``training`` → ``utils.config`` / ``utils.settings`` / ``utils.task`` → the commands.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from kdir.utils import register_resolvers  # noqa: E402
+from kdir.utils.config import register_resolvers  # noqa: E402
 
-register_resolvers()
+register_resolvers()  # ${quickstart:...}, ${pypi_model:...}, ${wandb_offline:} for every compose, apps and tests alike

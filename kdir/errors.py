@@ -1,4 +1,10 @@
-"""Errors that tell the user what is wrong with their input, and where."""
+"""Errors that tell the user what is wrong with their input, and where.
+
+Every command exits with status 2 and one line on a :class:`KdirError` (a bad file, option or path); any
+other exception is a bug and is reported with its traceback. The subclasses that also derive from a
+built-in exception (``ValueError``, ``FileNotFoundError``, ...) keep ``except`` clauses written for the
+built-in working.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,25 @@ from pathlib import Path
 
 class KdirError(Exception):
     """Base class of every error kdir raises on bad input or configuration."""
+
+
+class ConfigError(KdirError, ValueError):
+    """A setting or an option has a value kdir cannot use (wrong type, out of range, unknown choice)."""
+
+
+class MissingFileError(KdirError, FileNotFoundError):
+    """A file or folder named by the configuration does not exist (or is not what it should be)."""
+
+
+class OutputExistsError(KdirError, FileExistsError):
+    """An output path is taken and may not be replaced."""
+
+
+class UnknownNameError(KdirError, KeyError):
+    """A name given in the configuration (a dataset id, ...) is not known."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class DataFormatError(KdirError):

@@ -13,19 +13,18 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import KdirError
 from kdir.retrieval.metrics import write_trec_run
-from kdir.utils import print_metrics, resolve_device, save_json
+from kdir.utils import print_metrics, resolve_device, save_json, task_wrapper
 
 log = logging.getLogger("kdir.evaluate")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.paths.output_dir)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     if not cfg.eval.get(cfg.split):
         raise KdirError(f"eval={cfg.eval} has no {cfg.split!r} split (choose split=val or split=test)")
     evaluator = instantiate(cfg.eval[cfg.split])
@@ -50,13 +49,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = evaluate(cfg)
-    except (KdirError, FileNotFoundError, ValueError, KeyError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        raise SystemExit(2) from None
-    return metrics.get(cfg.optimized_metric)
+@task_wrapper
+def main(cfg: DictConfig) -> dict[str, float]:
+    """Hydra entry point: :func:`evaluate`; ``optimized_metric`` names one of its measures."""
+    return evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -3,21 +3,11 @@
 Offline, once per training query, ColBERT-PRF expansion embeddings (Wang et al., ICTIR 2021) of the query's
 feedback passages, computed with the ColBERT teacher::
 
-    python -m kdir.expand teacher.model.path=<ColBERT folder> data=<training data> out=<store dir>
+    python -m kdir.expand teacher.path=<ColBERT folder> data=<training data> out=<store dir>
 
-1. encode the corpus: unit-norm token embeddings, padding and punctuation masked;
-2. document frequencies of the token ids over the masked corpus → ``idf(t) = ln((1 + N) / (df(t) + 1))``;
-3. feedback passages: the teacher's own top-``fb_docs`` by exhaustive MaxSim (``mode=prf``, the paper's setting;
-   its top-``depth`` ranking is written to ``<out>/ranking.trec``, the hard-negative pool; ``ranking=<run>`` reads
-   an existing run instead) or the first ``fb_docs`` labelled positives (``mode=rf``, the paper's RF variant);
-4. k-means over the feedback passages' token embeddings, ``min(fb_clusters, #tokens)`` clusters seeded with
-   ``avg_step_position`` (:func:`avg_step_position`);
-5. each centroid is labelled with the most frequent token id among its ``neighbours`` nearest corpus token
-   embeddings (exact inner product over all unmasked tokens), special tokens and ``[unused*]`` skipped;
-6. weight ``w = β·idf(label)``; the ``fb_k`` heaviest centroids (unnormalised), their weights and token strings
-   go to a :class:`kdir.stores.ExpansionStore` at ``out``.
-
-The whole corpus is held in memory (fp16 token embeddings) and searched exhaustively: fine up to ~10^5 passages.
+The steps (corpus encoding, idf, feedback passages, k-means, centroid labels, weights) are
+:mod:`kdir.retrieval.prf`'s; this command runs them and writes a :class:`kdir.stores.ExpansionStore` at ``out``
+(plus the teacher's top-``depth`` ranking, ``<out>/ranking.trec``: CollectiveKD's hard-negative pool).
 """
 
 from __future__ import annotations
@@ -32,7 +22,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.data.dataset import IRDataset
@@ -54,7 +44,8 @@ from kdir.retrieval.prf import (
 )
 from kdir.stores import ExpansionStore, id_hashes
 from kdir.stores.expansion_store import check_writable
-from kdir.utils import resolve_device
+from kdir.utils import Setting, resolve_device, task_wrapper
+from kdir.utils.settings import count, positive_int
 
 log = logging.getLogger("kdir.expand")
 
@@ -112,7 +103,7 @@ def expand(cfg: DictConfig) -> ExpansionStore:
     _check(cfg)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    model = instantiate(cfg.teacher.model)
+    model = instantiate(cfg.teacher)
     if not isinstance(model, ColBERT):
         raise KdirError(f"kdir.expand needs a ColBERT teacher (teacher=colbert), got {type(model).__name__}")
     model = model.freeze().to(device)
@@ -153,13 +144,13 @@ def expand(cfg: DictConfig) -> ExpansionStore:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="expand")
+@task_wrapper(
+    settings={"depth": count(), "beta": Setting(float, 0)}  # depth=0: no teacher ranking (rf mode)
+    | dict.fromkeys(("fb_docs", "fb_clusters", "fb_k", "neighbours"), positive_int())
+)
 def main(cfg: DictConfig) -> None:
-    OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml", resolve=True)
-    try:
-        expand(cfg)
-    except (KdirError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        raise SystemExit(2) from None
+    """Hydra entry point: :func:`expand`."""
+    expand(cfg)
 
 
 if __name__ == "__main__":

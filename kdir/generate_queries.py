@@ -31,17 +31,17 @@ from omegaconf import DictConfig, OmegaConf
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.data.dataset import IRDataset
 from kdir.data.generated import write_generated
-from kdir.data.generation import FP32, SOURCES, dedupe, generate_texts, mask_span, pick_sources
+from kdir.data.generation import SOURCES, dedupe, generate_texts, mask_span, pick_sources
 from kdir.errors import KdirError
-from kdir.utils import resolve_device, save_json
+from kdir.models.hf import load_seq2seq
+from kdir.utils import resolve_device, save_json, task_wrapper
+from kdir.utils.settings import positive_int
 
 log = logging.getLogger("kdir.generate_queries")
 
 
 def generate_queries(cfg: DictConfig) -> dict[str, Any]:
     """Run the stage; returns the ``<out>.meta.json`` content."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
     gen = cfg.generator
     if gen.source not in SOURCES:
         raise KdirError(f"generator.source must be one of {SOURCES}, got {gen.source!r}")
@@ -49,13 +49,12 @@ def generate_queries(cfg: DictConfig) -> dict[str, Any]:
     if per_source < 1 or cfg.batch_size < 1:
         raise KdirError(f"generator.per_source and batch_size must be >= 1, got {per_source} and {cfg.batch_size}")
     out = Path(cfg.out)
-    OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml", resolve=True)
     dataset: IRDataset = instantiate(cfg.data.train)
     src_ids, src_texts = pick_sources(dataset, gen.source, cfg.n_sources, cfg.seed)
     device = resolve_device(cfg.device)
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(str(gen.model))
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(gen.model), **FP32).to(device).eval()
+    model, tokenizer = load_seq2seq(gen.model)
+    model = model.to(device)
     load_seconds = time.perf_counter() - start
 
     if gen.source == "queries":
@@ -125,12 +124,10 @@ def generate_queries(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate_queries")
+@task_wrapper(settings={"n_sources": positive_int(None), "generator.per_source": positive_int()})
 def main(cfg: DictConfig) -> None:
-    try:
-        generate_queries(cfg)
-    except (KdirError, OSError, ValueError, KeyError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        raise SystemExit(2) from None
+    """Hydra entry point: :func:`generate_queries`."""
+    generate_queries(cfg)
 
 
 if __name__ == "__main__":

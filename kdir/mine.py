@@ -10,28 +10,26 @@ positives the student already ranks within the pool) and saves ``metrics.json``.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.data.dataset import IRDataset
 from kdir.errors import KdirError
 from kdir.retrieval.evaluators import RetrievalEvaluator
 from kdir.retrieval.metrics import positive_share, write_trec_run
-from kdir.utils import instantiate_model, print_metrics, resolve_device, save_json
+from kdir.utils import instantiate_model, print_metrics, resolve_device, save_json, task_wrapper
 
 log = logging.getLogger("kdir.mine")
 
 
 def mine(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     if cfg.depth < 1:
         raise KdirError(f"depth={cfg.depth}: expected a positive number of candidates per query")
     dataset: IRDataset = instantiate(cfg.data.train)
@@ -86,14 +84,10 @@ def mine(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="mine")
-def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = mine(cfg)
-    except (KdirError, FileNotFoundError, ValueError, KeyError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        print(f"kdir.mine: {type(e).__name__}: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return metrics.get(f"R@{cfg.depth}")
+@task_wrapper(metric=lambda cfg: f"R@{cfg.depth}")
+def main(cfg: DictConfig) -> dict[str, float]:
+    """Hydra entry point: :func:`mine`; returns ``optimized_metric`` (default ``R@<depth>``) to sweepers."""
+    return mine(cfg)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import KdirError
 from kdir.training.module import DistillModule
-from kdir.utils import instantiate_group, print_metrics, save_json
+from kdir.utils import instantiate_group, print_metrics, save_json, task_wrapper
 
 log = logging.getLogger("kdir.run")
 
@@ -27,20 +26,28 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Run one distillation job; returns ``{"untrained": {...}, "trained": {...}}`` test metrics."""
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
 
     log.info("student <%s>", cfg.student._target_)
     student = instantiate(cfg.student)
     loss = instantiate(cfg.loss)
     log.info("loss %r", loss)
-    signal = instantiate(cfg.teacher) if cfg.get("teacher") and loss.uses_teacher else None
-    if loss.uses_teacher and signal is None:
-        raise KdirError(
-            f"loss {loss.name!r} needs a teacher signal: choose one, e.g. teacher=scores teacher.store=..."
-        )
+    signal = None
+    if loss.uses_teacher:
+        if not cfg.get("signal"):
+            raise KdirError(
+                f"loss {loss.name!r} needs a teacher signal: choose one, e.g. signal=cached signal.store=..."
+            )
+        teacher = instantiate(cfg.teacher) if cfg.get("teacher") else None
+        signal = instantiate(cfg.signal, model=teacher)
     val = instantiate(cfg.eval.val) if cfg.eval.get("val") else None
     test = instantiate(cfg.eval.test) if cfg.eval.get("test") else None
-    datamodule = instantiate(cfg.data, model=student, layout=loss.layout, signal=signal, val=val, test=test)
+
+    datamodule = instantiate(cfg.data)  # the training split, its examples and batching
+    if signal is not None:
+        signal.bind(datamodule.train)  # open (or import, or create) the score store and check its provenance
+    formatters = {side: student.formatter(side) for side in ("query", "doc")}
+    splits = {name: (ev.dataset, ev.batch_size) for name, ev in (("val", val), ("test", test)) if ev is not None}
+    datamodule.attach(student.preparer(), loss.layout, signal, formatters, splits)
     module = DistillModule(
         student,
         loss,
@@ -105,19 +112,11 @@ def _report(results: dict, test, out: Path, best: str | None) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="run")
-def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns ``optimized_metric`` for sweepers."""
-    try:
-        results = train(cfg)
-    except (KdirError, FileNotFoundError, ValueError, KeyError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        raise SystemExit(2) from None
-    metric = cfg.get("optimized_metric", "")
-    stage, _, name = metric.partition("/")
-    value = results.get("trained" if stage == "test" else stage, {}).get(name)
-    if HydraConfig.initialized() and value is not None:
-        log.info("%s = %.4f", metric, value)
-    return value
+@task_wrapper
+def main(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Hydra entry point; ``optimized_metric`` ``test/<measure>`` is the trained student's test metric."""
+    results = train(cfg)
+    return results | {"test": results.get("trained", {})}
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ from pathlib import Path
 import hydra
 from hydra.utils import instantiate
 from lightning_fabric import Fabric
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import KdirError
 from kdir.stores import ScoreStore
 from kdir.stores.scoring import candidate_pairs, score_into_store
 from kdir.training.signal import teacher_meta
+from kdir.utils import Setting, task_wrapper
 
 log = logging.getLogger("kdir.score")
 
@@ -35,7 +36,7 @@ def score(cfg: DictConfig) -> Path:
         strategy="ddp" if cfg.devices not in (1, "1") else "auto",
     )
     fabric.launch()
-    model = instantiate(cfg.teacher.model).freeze().to(fabric.device)
+    model = instantiate(cfg.teacher).freeze().to(fabric.device)
     dataset = instantiate(cfg.data.train)
     examples = instantiate(cfg.data.examples) if cfg.run_file is None else None
     pairs = candidate_pairs(dataset, examples, cfg.run_file, cfg.depth)
@@ -77,13 +78,10 @@ def score(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="score")
+@task_wrapper(settings={"devices": Setting(int, 1, also=(-1, "auto"))})
 def main(cfg: DictConfig) -> None:
-    OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml", resolve=True)
-    try:
-        score(cfg)
-    except (KdirError, FileNotFoundError, ValueError, KeyError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        raise SystemExit(2) from None
+    """Hydra entry point: :func:`score`."""
+    score(cfg)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,14 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import kdir  # noqa: F401  (registers config resolvers)
-from kdir.errors import KdirError
 from kdir.losses import InfoNCE
 from kdir.models import CrossEncoder
 from kdir.retrieval.evaluators import evaluate_and_save
 from kdir.training.module import DistillModule
-from kdir.utils import instantiate_group
+from kdir.utils import Setting, instantiate_group, task_wrapper
 
 log = logging.getLogger("kdir.train_teacher")
 
@@ -31,12 +30,11 @@ log = logging.getLogger("kdir.train_teacher")
 def train_teacher(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-    model = instantiate(cfg.teacher.model)
+    model = instantiate(cfg.teacher)
     layout = cfg.layout or ("pairwise" if isinstance(model, CrossEncoder) else "inbatch")
     loss = InfoNCE(layout=layout, temperature=cfg.temperature)
     log.info("training %s with %r", type(model).__name__, loss)
-    datamodule = instantiate(cfg.data, model=model, layout=layout)
+    datamodule = instantiate(cfg.data).attach(model.preparer(), layout)
     module = DistillModule(model, loss, instantiate(cfg.optim.optimizer), cfg.optim.warmup, output_dir=out)
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, enable_checkpointing=False)
@@ -56,12 +54,10 @@ def train_teacher(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_teacher")
-def main(cfg: DictConfig) -> float | None:
-    try:
-        return train_teacher(cfg).get("nDCG@10")
-    except (KdirError, FileNotFoundError, ValueError, KeyError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        raise SystemExit(2) from None
+@task_wrapper(metric="nDCG@10", settings={"temperature": Setting(float, 0, strict=True)})
+def main(cfg: DictConfig) -> dict[str, float]:
+    """Hydra entry point: :func:`train_teacher`; returns ``optimized_metric`` (default nDCG@10) to sweepers."""
+    return train_teacher(cfg)
 
 
 if __name__ == "__main__":

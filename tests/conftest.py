@@ -54,7 +54,10 @@ def beir_dir(tmp_path) -> Path:
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300):
-    """Run ``python -m <args>`` in a subprocess with the test environment; returns CompletedProcess."""
+    """Run ``python -m <args>`` in a subprocess with the test environment; returns CompletedProcess.
+
+    ``tests/`` is on the path too, so a config may point ``_target_`` at a class of a test module.
+    """
     import subprocess
 
     return subprocess.run(
@@ -63,5 +66,34 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300):
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        env=os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
     )
+
+
+def run_command(module: str, *overrides: str) -> int:
+    """Run ``python -m <module> <overrides>`` in this process, through the command's real Hydra entry point.
+
+    Returns the exit status (0 success, 2 user error, 1 bug); the outputs are wherever ``hydra.run.dir=...``
+    (or the command's own settings) put them.
+    """
+    from kdir.utils import run_command as run
+
+    return run(module, *overrides)
+
+
+def compose_cfg(tmp_path: Path, overrides: list[str], name: str = "run"):
+    """Compose ``conf/<name>.yaml`` with ``overrides`` as the command would (``hydra:`` resolvers set, the task config
+    without its ``hydra`` node), writing its outputs to ``tmp_path``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        del cfg["hydra"]  # as in the real app: the task config has no hydra node
+    return cfg

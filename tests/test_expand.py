@@ -13,13 +13,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, run_cli
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import CONF, run_cli, run_command
 
 from kdir.data.dataset import IRDataset
 from kdir.errors import DataFormatError, KdirError
-from kdir.expand import (
+from kdir.models import ColBERT, CollectiveColBERT, maxsim
+from kdir.models.collective import collective_maxsim
+from kdir.retrieval.prf import (
     TokenPool,
     avg_step_position,
     cluster_feedback,
@@ -32,8 +32,6 @@ from kdir.expand import (
     relevance_feedback,
     select_expansions,
 )
-from kdir.models import ColBERT, CollectiveColBERT, maxsim
-from kdir.models.collective import collective_maxsim
 from kdir.retrieval.search import build_index
 from kdir.stores import ExpansionStore, id_hashes
 
@@ -325,9 +323,10 @@ def test_collective_teacher_config_passes_the_expansion_through(colbert_dir, tmp
 
     ExpansionStore.write(tmp_path / "s", id_hashes(["qa"]), np.zeros((1, 2, 16)), np.ones((1, 2)), [["x", "y"]], {})
     cfg = OmegaConf.load(CONF / "teacher" / "collective.yaml")
-    assert cfg.mode == "online" and cfg.force_positive_max is True
-    cfg.model.path, cfg.model.expansion, cfg.model.dim, cfg.model.query_max_length = colbert_dir, tmp_path / "s", 16, 8
-    teacher = instantiate(cfg.model)
+    assert {"/signal": "online"} in cfg.defaults  # the recipe (experiment=collective_kd) sets force_positive_max
+    cfg.teacher.path, cfg.teacher.expansion, cfg.teacher.dim = colbert_dir, tmp_path / "s", 16
+    cfg.teacher.query_max_length = 8
+    teacher = instantiate(cfg.teacher)
     assert isinstance(teacher, CollectiveColBERT) and teacher.config["similarity"] == "l2"
     assert teacher.expansion.path == tmp_path / "s" and teacher.config["expansion"] == str(tmp_path / "s")
 
@@ -335,10 +334,10 @@ def test_collective_teacher_config_passes_the_expansion_through(colbert_dir, tmp
 # ---------------------------------------------------------------- end to end
 
 TINY = [
-    "teacher.model.dim=16",
-    "teacher.model.query_max_length=8",
-    "teacher.model.doc_max_length=64",
-    "data.train.split=dev",
+    "teacher.dim=16",
+    "teacher.query_max_length=8",
+    "teacher.doc_max_length=64",
+    "datasets.quickstart.train.split=dev",
     "depth=10",
     "fb_clusters=8",
     "fb_k=4",
@@ -352,7 +351,7 @@ def expanded(colbert_dir, tmp_path_factory, quickstart):
     out = tmp_path_factory.mktemp("expand")
     r = run_cli(
         "kdir.expand",
-        f"teacher.model.path={colbert_dir}",
+        f"teacher.path={colbert_dir}",
         f"out={out / 'store'}",
         *TINY,
         f"hydra.run.dir={out / 'run'}",
@@ -403,18 +402,15 @@ def test_collective_teacher_on_the_expanded_store(expanded, colbert_dir, quickst
 
 
 def test_expand_reads_an_existing_ranking(expanded, colbert_dir, tmp_path, quickstart):
-    from kdir.expand import expand
-
-    GlobalHydra.instance().clear()
     overrides = [
-        f"teacher.model.path={colbert_dir}",
+        f"teacher.path={colbert_dir}",
         f"out={tmp_path / 'again'}",
         f"ranking={expanded / 'ranking.trec'}",
         *TINY,
+        f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="expand", overrides=overrides)
-    store = expand(cfg)
+    assert run_command("kdir.expand", *overrides) == 0
+    store = ExpansionStore.open(tmp_path / "again")
     first = ExpansionStore.open(expanded)
     assert len(store) == len(first) and store.meta["ranking"] == str(expanded / "ranking.trec")
     # the run file lists the same top-3: queries whose 3rd and 4th scores differ get the same expansions
@@ -435,7 +431,7 @@ def test_collective_teacher_evaluated_on_expanded_test_queries(colbert_dir, quic
     split = f"dataset={{_target_: kdir.data.dataset.IRDataset.from_beir, root: '{data}', split: test}}"
     r = run_cli(
         "kdir.expand",
-        f"teacher.model.path={colbert_dir}",
+        f"teacher.path={colbert_dir}",
         f"out={tmp_path / 'store'}",
         split,
         *TINY,
@@ -447,11 +443,11 @@ def test_collective_teacher_evaluated_on_expanded_test_queries(colbert_dir, quic
     r = run_cli(
         "kdir.evaluate_teacher",
         "teacher=collective",
-        f"teacher.model.path={colbert_dir}",
-        f"teacher.model.expansion={tmp_path / 'store'}",
-        "teacher.model.dim=16",
-        "teacher.model.query_max_length=8",
-        "teacher.model.doc_max_length=64",
+        f"teacher.path={colbert_dir}",
+        f"teacher.expansion={tmp_path / 'store'}",
+        "teacher.dim=16",
+        "teacher.query_max_length=8",
+        "teacher.doc_max_length=64",
         "teacher_eval=rerank_quickstart",
         f"teacher_eval.run_file={tmp_path / 'store' / 'ranking.trec'}",
         "teacher_eval.depth=5",

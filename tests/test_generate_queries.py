@@ -10,8 +10,8 @@ from conftest import run_cli
 
 from kdir.data.dataset import IRDataset
 from kdir.data.generated import GeneratedQueries, write_generated
-from kdir.errors import DataFormatError, KdirError
 from kdir.data.generation import dedupe, mask_span, pick_sources
+from kdir.errors import DataFormatError, KdirError
 
 SMALL = ("batch_size=4", "generator.max_source_length=32", "generator.generation.max_new_tokens=8")
 

@@ -30,7 +30,7 @@ QUICK = [
     "eval_untrained=false",
 ]
 LENGTHS = ["student.query_max_length=16", "student.doc_max_length=32"]
-TEACHER_LENGTHS = ["teacher.model.query_max_length=16", "teacher.model.doc_max_length=32"]
+TEACHER_LENGTHS = ["teacher.query_max_length=16", "teacher.doc_max_length=32"]
 
 
 def test_every_paper_recipe_is_covered():
@@ -57,11 +57,11 @@ def teachers(tmp_path_factory, quickstart) -> dict[str, Path]:
         "trainer.precision=32-true",
         "logger=none",
     ]
-    for kind, extra in (("colbert", ["teacher.model.dim=16", *TEACHER_LENGTHS]), ("bi_encoder", [])):
+    for kind, extra in (("colbert", ["teacher.dim=16", *TEACHER_LENGTHS]), ("bi_encoder", [])):
         res = run_cli(
             "kdir.train_teacher",
             f"teacher={kind}",
-            f"teacher.model.path={model}",
+            f"teacher.path={model}",
             *common,
             *extra,
             f"hydra.run.dir={root / kind}",
@@ -69,7 +69,7 @@ def teachers(tmp_path_factory, quickstart) -> dict[str, Path]:
         assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli(
         "kdir.expand",
-        f"teacher.model.path={root / 'colbert' / 'teacher'}",
+        f"teacher.path={root / 'colbert' / 'teacher'}",
         *TEACHER_LENGTHS,
         "data=quickstart",
         "fb_clusters=8",
@@ -105,7 +105,7 @@ def test_tct_colbert_recipe(tmp_path, teachers):
     m = _train(
         tmp_path,
         "experiment=tct_colbert",
-        f"teacher.model.path={teachers['colbert']}",
+        f"teacher.path={teachers['colbert']}",
         *TEACHER_LENGTHS,
         f"student.model_name_or_path={teachers['model']}",
         *LENGTHS,
@@ -125,7 +125,7 @@ def test_embeddistill_recipe_keeps_the_document_tower_bit_identical(tmp_path, te
     m = _train(
         out,
         "experiment=embeddistill",
-        f"teacher.model.path={teachers['bi_encoder']}",
+        f"teacher.path={teachers['bi_encoder']}",
         "student.pooling=mean",
         f"student.model_name_or_path={teachers['model']}",
         *LENGTHS,
@@ -148,7 +148,7 @@ def test_embeddistill_symmetric_and_ce_recipes(tmp_path, teachers):
     m = _train(
         tmp_path / "sym",
         "experiment=embeddistill_symmetric",
-        f"teacher.model.path={teachers['bi_encoder']}",
+        f"teacher.path={teachers['bi_encoder']}",
         "student.pooling=mean",
         f"student.model_name_or_path={teachers['model']}",
         *LENGTHS,
@@ -158,9 +158,9 @@ def test_embeddistill_symmetric_and_ce_recipes(tmp_path, teachers):
     m = _train(
         tmp_path / "ce",
         "experiment=embeddistill_ce",
-        f"teacher.model.path={teachers['model']}",
-        "teacher.model.query_max_length=12",
-        "teacher.model.max_length=48",
+        f"teacher.path={teachers['model']}",
+        "teacher.query_max_length=12",
+        "teacher.max_length=48",
         f"student.model_name_or_path={teachers['model']}",
         *LENGTHS,
         "trainer.limit_train_batches=5",
@@ -172,14 +172,14 @@ def test_collective_kd_recipe(tmp_path, teachers):
     m = _train(
         tmp_path,
         "experiment=collective_kd",
-        f"teacher.model.path={teachers['colbert']}",
+        f"teacher.path={teachers['colbert']}",
         *TEACHER_LENGTHS,
-        f"teacher.model.expansion={teachers['expansion']}",
+        f"teacher.expansion={teachers['expansion']}",
         "eval=quickstart_maxsim",
         "optim.optimizer.lr=1e-4",
         "student.query_max_length=16",
         "student.doc_max_length=32",
-        "data.examples.negatives.depth=30",
+        "negatives.depth=30",
     )
     assert {"nDCG@10", "R@100"} <= set(m["trained"])
     cfg = (tmp_path / "config.yaml").read_text()
@@ -189,9 +189,9 @@ def test_collective_kd_recipe(tmp_path, teachers):
 
 def test_recipes_compose_with_swapped_ingredients(tmp_path):
     """`experiment=tct_colbert loss=margin_mse` means what it says: the recipe's student and teacher, pairwise MSE."""
-    from test_run import _cfg
+    from conftest import compose_cfg
 
-    cfg = _cfg(tmp_path, ["experiment=tct_colbert", "loss=margin_mse"])
+    cfg = compose_cfg(tmp_path, ["experiment=tct_colbert", "loss=margin_mse"])
     assert cfg.loss._target_ == "kdir.losses.MarginMSE" and cfg.student.skip_tokens == 4
-    assert cfg.teacher.model._target_.endswith("ColBERT.from_pretrained")
+    assert cfg.teacher._target_.endswith("ColBERT.from_pretrained") and cfg.signal.mode == "online"
     assert np.isclose(cfg.optim.optimizer.lr, 7e-6)

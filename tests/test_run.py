@@ -7,13 +7,10 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-from conftest import CONF, run_cli
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from conftest import CONF, run_cli, run_command
+from conftest import compose_cfg as _cfg
 
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem != "none")  # none: the defaults
 # The paper recipes read MS MARCO and hub models: tests/test_recipes.py runs each on the quickstart instead.
 PAPER_RECIPES = [
     "collective_kd",
@@ -26,26 +23,18 @@ PAPER_RECIPES = [
 QUICK_EXPERIMENTS = [e for e in EXPERIMENTS if e not in PAPER_RECIPES]
 
 
-def _cfg(tmp_path: Path, overrides: list[str], name: str = "run"):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        del cfg["hydra"]  # as in the real app: the task config has no hydra node
-    return cfg
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
 
 
 def test_quickstart_student_beats_its_untrained_self(tmp_path, quickstart):
-    from kdir.run import train
-
-    results = train(_cfg(tmp_path, ["logger=csv"]))
+    assert run_command("kdir.run", "logger=csv", f"hydra.run.dir={tmp_path}") == 0
+    results = _metrics(tmp_path)
     before, after = results["untrained"], results["trained"]
     assert after["nDCG@10"] > before["nDCG@10"] + 0.2, results
     for f in ("config.yaml", "metrics.json", "runs/test.trec", "student/config.json", "csv/metrics.csv"):
         assert (tmp_path / f).is_file(), f
-    assert json.loads((tmp_path / "metrics.json").read_text())["trained"]["nDCG@10"] == after["nDCG@10"]
+    assert json.loads((tmp_path / "test_metrics.json").read_text())["nDCG@10"] == pytest.approx(after["nDCG@10"])
     assert "val/nDCG@10" in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
     speed = json.loads((tmp_path / "throughput.json").read_text())  # kdir.training.callbacks.Throughput
     assert speed["queries_per_s"] > 0 and speed["steps"] > 5 and speed["queries_per_step"] == 32
@@ -62,23 +51,17 @@ class TrainModeProbe(pl.Callback):
 
 def test_students_train_with_dropout(tmp_path, quickstart):
     """Hugging Face loads models in eval mode; the training steps must see them in train mode."""
-    from kdir.run import train
-
-    cfg = _cfg(tmp_path, ["debug=fast", "data.num_workers=0"])
-    with open_dict(cfg):
-        cfg.callbacks = {"probe": {"_target_": "test_run.TrainModeProbe"}}
     TrainModeProbe.seen = []
-    train(cfg)
+    probe = ["~callbacks", "+callbacks.probe._target_=test_run.TrainModeProbe"]  # the probe alone
+    assert run_command("kdir.run", "debug=fast", "data.num_workers=0", *probe, f"hydra.run.dir={tmp_path}") == 0
     assert TrainModeProbe.seen == [True]
 
 
 @pytest.mark.parametrize("experiment", QUICK_EXPERIMENTS)
 def test_every_experiment_config_runs_fast_dev_run(tmp_path, experiment, quickstart):
-    from kdir.run import train
-
-    cfg = _cfg(tmp_path, [f"experiment={experiment}", "debug=fast", "data.num_workers=0"])
-    results = train(cfg)
-    assert set(results["trained"]) >= {"nDCG@10", "RR@10", "R@100", "R@1000"}
+    overrides = [f"experiment={experiment}", "debug=fast", "data.num_workers=0", f"hydra.run.dir={tmp_path}"]
+    assert run_command("kdir.run", *overrides) == 0
+    assert set(_metrics(tmp_path)["trained"]) >= {"nDCG@10", "RR@10", "R@100", "R@1000"}
 
 
 def test_all_config_options_compose_and_instantiate_where_offline(tmp_path, quickstart):
@@ -114,13 +97,8 @@ def test_multirun_writes_one_directory_per_job(tmp_path, quickstart):
 
 
 def test_wandb_logger_works_offline(tmp_path, quickstart):
-    from kdir.run import train
-
-    train(
-        _cfg(
-            tmp_path, ["logger=wandb", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "eval_untrained=false"]
-        )
-    )
+    overrides = ["logger=wandb", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "eval_untrained=false"]
+    assert run_command("kdir.run", *overrides, f"hydra.run.dir={tmp_path}") == 0
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     log = next(runs[0].glob("run-*.wandb")).read_bytes()  # offline: metrics and config live in the run log
@@ -159,7 +137,7 @@ def test_ddp_two_cpu_processes_train_and_evaluate(tmp_path, quickstart):
     [
         (["loss=nope"], "Could not find 'loss/nope'"),
         (["trainer.no_such_key=1"], "no_such_key"),
-        (["data.train.root=/does/not/exist"], "/does/not/exist: no such dataset folder"),
+        (["datasets.quickstart.root=/does/not/exist"], "/does/not/exist: no such dataset folder"),
         (["teacher=none"], "loss 'margin_mse' needs a teacher signal"),
         (["eval.metrics=[nDGC@10]"], "unknown ir-measures measure 'nDGC@10'"),
     ],

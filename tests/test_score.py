@@ -13,15 +13,15 @@ import pytest
 from conftest import ROOT, run_cli
 
 from kdir.data.dataset import IRDataset
-from kdir.models import BiEncoder
-from kdir.stores.scoring import candidate_pairs
+from kdir.models import DualEncoder
 from kdir.stores import ScoreStore, pair_keys_from_ids
+from kdir.stores.scoring import candidate_pairs
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(quickstart, tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "bi"
-    BiEncoder(quickstart["model"], pooling="cls", query_max_length=16, doc_max_length=32).save_pretrained(path)
+    DualEncoder(quickstart["model"], pooling="cls", query_max_length=16, doc_max_length=32).save_pretrained(path)
     return path
 
 
@@ -30,7 +30,7 @@ def _args(teacher_dir, store, *extra):
     return (
         "kdir.score",
         "teacher=bi_encoder",
-        f"teacher.model.path={teacher_dir}",
+        f"teacher.path={teacher_dir}",
         f"store={store}",
         f"run_file={run}",
         "depth=5",
@@ -69,7 +69,7 @@ def test_scores_cover_the_pairs_and_equal_the_teacher(reference, teacher_dir, qu
     keys, values = _contents(reference, ds)
     assert len(keys) > 6000 and not np.isnan(values).any()
     meta = ScoreStore.open(reference).meta
-    teacher = BiEncoder.from_pretrained(teacher_dir)
+    teacher = DualEncoder.from_pretrained(teacher_dir)
     assert meta["teacher"]["weights"] == teacher.weights_hash() and meta["count"] == len(keys)
     q = ds.queries.ids[:3]
     d = [next(iter(ds.qrels[x])) for x in q]

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModel
 
 from kdir.models import DualEncoder
+from kdir.retrieval.encode import encode_texts
 
 
 def test_mean_pooling_ignores_padding_and_skipped_tokens(tiny_student):
@@ -32,22 +33,22 @@ def test_encode_matches_manual_forward(tiny_student):
         hidden = tiny_student.doc_encoder(**tokens).last_hidden_state
         m = tokens["attention_mask"].unsqueeze(-1).float()
         manual = (hidden * m).sum(1) / m.sum(1)
-    assert torch.allclose(tiny_student.encode_docs(texts, batch_size=1), manual, atol=1e-5)
+    assert torch.allclose(encode_texts(tiny_student, texts, "doc", batch_size=1)[0], manual, atol=1e-5)
 
 
 def test_cosine_projection_and_separate_towers_round_trip(quickstart, tmp_path):
     st = DualEncoder(quickstart["model"], pooling="cls", shared=False, projection_dim=16, similarity="cosine")
     assert st.query_encoder is not st.doc_encoder and st.query_projection is not st.doc_projection
-    q = st.encode_queries(["one query"])
+    q = encode_texts(st, ["one query"], "query")[0]
     assert q.shape == (1, 16) and torch.allclose(q.norm(dim=-1), torch.ones(1))
     with torch.no_grad():  # make the towers differ so the round trip is meaningful
         st.doc_encoder.embeddings.word_embeddings.weight.mul_(2.0)
-    d_before = st.encode_docs(["a doc"])
+    d_before = encode_texts(st, ["a doc"], "doc")[0]
     st.save_pretrained(tmp_path / "ckpt")
     back = DualEncoder.from_pretrained(tmp_path / "ckpt")
     assert back.config == st.config
-    assert torch.allclose(back.encode_queries(["one query"]), q, atol=1e-6)
-    assert torch.allclose(back.encode_docs(["a doc"]), d_before, atol=1e-6)
+    assert torch.allclose(encode_texts(back, ["one query"], "query")[0], q, atol=1e-6)
+    assert torch.allclose(encode_texts(back, ["a doc"], "doc")[0], d_before, atol=1e-6)
     plain = AutoModel.from_pretrained(tmp_path / "ckpt")  # usable outside kdir
     assert plain.config.hidden_size == 64
 

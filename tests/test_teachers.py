@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
-from kdir.models import BiEncoder, ColBERT, CrossEncoder, Ensemble, Teacher, maxsim
+from kdir.models import ColBERT, CrossEncoder, DualEncoder, Ensemble, Scorer, maxsim
 from kdir.models.base import as_candidates
+from kdir.retrieval.encode import encode_texts
 
 SPECIAL = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = "the a cat dog sat on mat red blue fox quick brown jumps over lazy what who where is house runs".split()
@@ -228,15 +229,15 @@ def test_cross_encoder_dual_pooling(bert_dir):
 
 
 def test_bi_encoder_scores(bert_dir, tmp_path):
-    bi = BiEncoder(bert_dir, pooling="mean", query_max_length=16, doc_max_length=32).freeze()
+    bi = DualEncoder(bert_dir, pooling="mean", query_max_length=16, doc_max_length=32).freeze()
     docs = DOCS
     inputs = bi.prepare(QUERIES, docs, [[0, 3], [3, 3]])
     assert inputs["doc"]["input_ids"].shape[0] == len(DOCS)
     scores = bi.score(QUERIES, docs, [[0, 3], [3, 3]])
-    q, d = bi.embed_queries(QUERIES), bi.embed_docs([docs[0], docs[3]])
+    (q,), (d,) = encode_texts(bi, QUERIES, "query"), encode_texts(bi, [docs[0], docs[3]], "doc")
     assert close(scores, [[q[0] @ d[0], q[0] @ d[1]], [q[1] @ d[1], q[1] @ d[1]]])
     bi.save_pretrained(tmp_path / "bi")
-    back = BiEncoder.from_pretrained(tmp_path / "bi")
+    back = DualEncoder.from_pretrained(tmp_path / "bi")
     assert back.config == bi.config and close(back.score(QUERIES, docs, [[0, 3], [3, 3]]), scores)
     assert AutoModel.from_pretrained(tmp_path / "bi").config.hidden_size == 32
 
@@ -244,7 +245,7 @@ def test_bi_encoder_scores(bert_dir, tmp_path):
 # ---------------------------------------------------------------- ensemble
 
 
-class TableTeacher(Teacher):
+class TableTeacher(Scorer):
     """Scores read from a fixed ``[B, D]`` table (a stand-in member with known scores)."""
 
     name = "table"
@@ -254,8 +255,8 @@ class TableTeacher(Teacher):
         self.table = nn.Parameter(torch.tensor(table))
         self.config = {}
 
-    def prepare(self, queries, docs, candidates):
-        return {"candidates": as_candidates(candidates, len(queries), len(docs))}
+    def preparer(self):
+        return lambda queries, docs, candidates: {"candidates": as_candidates(candidates, len(queries), len(docs))}
 
     def forward(self, inputs):
         return self.table.gather(1, inputs["candidates"])
@@ -265,7 +266,7 @@ class TableTeacher(Teacher):
 
 
 def test_ensemble_mean_and_weighted_mean(colbert, cross_encoder, bert_dir, tmp_path):
-    bi = BiEncoder(bert_dir, query_max_length=16, doc_max_length=32).freeze()
+    bi = DualEncoder(bert_dir, query_max_length=16, doc_max_length=32).freeze()
     members = {"ce": cross_encoder, "cb": colbert, "bi": bi}
     each = {name: m.score(QUERIES, DOCS, CANDIDATES) for name, m in members.items()}
     ens = Ensemble(members)
@@ -302,7 +303,7 @@ def test_training_gradients_then_freeze(bert_dir, kind):
         "colbert": lambda: ColBERT(bert_dir, dim=8),
         "cross_encoder": lambda: CrossEncoder(bert_dir, query_max_length=16, max_length=32),
         "dual_pooling": lambda: CrossEncoder(bert_dir, query_max_length=16, max_length=32, dual_pooling=True),
-        "bi_encoder": lambda: BiEncoder(bert_dir, doc_max_length=32),
+        "bi_encoder": lambda: DualEncoder(bert_dir, doc_max_length=32),
     }[kind]()
     inputs = teacher.prepare(QUERIES, DOCS, CANDIDATES)
     teacher.train()

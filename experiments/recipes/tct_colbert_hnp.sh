@@ -23,8 +23,8 @@ TEACHER_EVAL=${TEACHER_EVAL-maxsim_quickstart}  # teacher evaluation (conf/teach
 TEACHER=${TEACHER:-}                            # ColBERT teacher folder; empty: stage 0 trains $OUT/teacher/teacher
 TEACHER_INIT=${TEACHER_INIT:-}                  # stage 0's starting encoder; empty: the quickstart's tiny BERT
 # TCT's teacher settings (36/154 tokens, unnormalised query tokens), so the teacher is trained as it is used.
-TCT_TEACHER="teacher.model.query_max_length=36 teacher.model.doc_max_length=154"
-TCT_TEACHER+=" ++teacher.model.normalize_queries=false"
+TCT_TEACHER="teacher.query_max_length=36 teacher.doc_max_length=154"
+TCT_TEACHER+=" ++teacher.normalize_queries=false"
 TEACHER_ARGS=${TEACHER_ARGS-$TCT_TEACHER}
 # Stage-1 student; empty: the experiment's tct_mean (bert-base-uncased). Its word pieces and [MASK]
 # padding do not suit the quickstart's word-level toy vocabulary, hence student=tiny by default.
@@ -47,9 +47,8 @@ timed() {  # timed <stage name> <command...>: run it, append its wall time to $O
 }
 # TCT-ColBERT's HN triples: 1 negative per (query, positive), drawn uniformly from the student's top-$DEPTH,
 # labelled positives NOT filtered out (hard_triplet_construct.py); drawn afresh every epoch.
-NEG=data.examples.negatives
-HN="$NEG._target_=kdir.data.examples.RunNegatives ++$NEG.path=$OUT/hn.trec ++$NEG.depth=$DEPTH
-    ++$NEG.exclude_positives=false data.examples.n_negatives=1"
+HN="negatives=run negatives.path=$OUT/hn.trec negatives.depth=$DEPTH negatives.exclude_positives=false
+    data.examples.n_negatives=1"
 T_EVAL=${TEACHER_EVAL:+teacher_eval=$TEACHER_EVAL}
 
 # shellcheck disable=SC2086  # the *_ARGS / *EXTRA / HN variables are word-split into Hydra overrides on purpose
@@ -58,12 +57,12 @@ T_EVAL=${TEACHER_EVAL:+teacher_eval=$TEACHER_EVAL}
     TEACHER=$OUT/teacher/teacher
     if has 0; then
       TEACHER_INIT=${TEACHER_INIT:-$(python -c "from kdir.data.quickstart import ensure; print(ensure('model'))")}
-      timed 0_teacher python -m kdir.train_teacher teacher=colbert teacher.model.path="$TEACHER_INIT" $TEACHER_ARGS \
-        ++teacher.model.bias=true data="$DATA" $T_EVAL hydra.run.dir="$OUT/teacher" $EXTRA $TEACHER_EXTRA
+      timed 0_teacher python -m kdir.train_teacher teacher=colbert teacher.path="$TEACHER_INIT" $TEACHER_ARGS \
+        ++teacher.bias=true data="$DATA" $T_EVAL hydra.run.dir="$OUT/teacher" $EXTRA $TEACHER_EXTRA
     fi
   fi
   if has 1; then
-    timed 1_student python -m kdir.run experiment=tct_colbert teacher.model.path="$TEACHER" $STUDENT_ARGS \
+    timed 1_student python -m kdir.run experiment=tct_colbert teacher.path="$TEACHER" $STUDENT_ARGS \
       data="$DATA" eval="$EVAL" hydra.run.dir="$OUT/student" $EXTRA $STUDENT_EXTRA
   fi
   if has 2; then
@@ -74,13 +73,13 @@ T_EVAL=${TEACHER_EVAL:+teacher_eval=$TEACHER_EVAL}
   if [[ $VARIANT == hnp ]]; then
     FINAL_TEACHER=$OUT/teacher_hnp/teacher
     if has 3; then
-      timed 3_teacher_hnp python -m kdir.train_teacher teacher=colbert teacher.model.path="$TEACHER" \
+      timed 3_teacher_hnp python -m kdir.train_teacher teacher=colbert teacher.path="$TEACHER" \
         $TEACHER_ARGS data="$DATA" $HN $T_EVAL hydra.run.dir="$OUT/teacher_hnp" $EXTRA $TEACHER_EXTRA
     fi
   fi
   if has 4; then
     timed "4_student_$VARIANT" python -m kdir.run experiment=tct_colbert student=checkpoint \
-      student.path="$OUT/student/student" teacher.model.path="$FINAL_TEACHER" data="$DATA" eval="$EVAL" $HN \
+      student.path="$OUT/student/student" teacher.path="$FINAL_TEACHER" data="$DATA" eval="$EVAL" $HN \
       hydra.run.dir="$OUT/student_$VARIANT" $EXTRA $STUDENT_EXTRA
   fi
 }

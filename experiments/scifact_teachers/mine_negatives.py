@@ -12,6 +12,7 @@ import torch
 
 from kdir.data.dataset import IRDataset
 from kdir.models import DualEncoder
+from kdir.retrieval.encode import encode_texts
 from kdir.retrieval.metrics import write_trec_run
 
 model_dir, data_dir, out = sys.argv[1:4]
@@ -19,7 +20,10 @@ k = int(sys.argv[4]) if len(sys.argv) > 4 else 100
 device = "cuda" if torch.cuda.is_available() else "cpu"
 ds = IRDataset.from_beir(data_dir, "train")
 enc = DualEncoder(model_dir, pooling="mean", similarity="cosine", query_max_length=256, doc_max_length=256).to(device)
-q, d = enc.encode_queries(ds.queries.texts, device=device), enc.encode_docs(ds.corpus.texts, device=device)
+(q,), (d,) = (
+    encode_texts(enc, ds.queries.texts, "query", device=device),
+    encode_texts(enc, ds.corpus.texts, "doc", device=device),
+)
 scores, rows = (q.to(device) @ d.to(device).T).topk(k, dim=1)
 run = {
     qid: {ds.corpus.ids[r]: s for r, s in zip(rr, ss)}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from kdir.data.formats import read_jsonl_texts, read_qrels, read_tsv_texts
-from kdir.errors import EmptySplitError, UnknownIdError
+from kdir.errors import ConfigError, EmptySplitError, MissingFileError, UnknownIdError, UnknownNameError
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,11 @@ class IRDataset:
         """Load a BEIR folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``; ``name`` labels logs."""
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"{root}: no such dataset folder (expected corpus.jsonl, queries.jsonl, qrels/)")
+            raise MissingFileError(f"{root}: no such dataset folder (expected corpus.jsonl, queries.jsonl, qrels/)")
         qrels_path = root / "qrels" / f"{split}.tsv"
         if not qrels_path.is_file():
             have = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
-            raise FileNotFoundError(f"{qrels_path}: no such split; available splits: {have}")
+            raise MissingFileError(f"{qrels_path}: no such split; available splits: {have}")
         qrels = read_qrels(qrels_path)
         _check_positives(qrels, min_relevance, qrels_path)
         corpus = load_texts(str(root / "corpus.jsonl"))
@@ -142,7 +142,7 @@ class IRDataset:
         try:
             ds = ir_datasets.load(dataset_id)
         except KeyError:
-            raise KeyError(f"unknown ir_datasets id {dataset_id!r}") from None
+            raise UnknownNameError(f"unknown ir_datasets id {dataset_id!r}") from None
         for need in ("docs", "queries", "qrels"):
             if not getattr(ds, f"has_{need}")():
                 raise EmptySplitError(f"ir_datasets {dataset_id!r} has no {need}")
@@ -184,7 +184,7 @@ def holdout(dataset: IRDataset, size: int | float, part: str = "rest", seed: int
         seed: the carve depends only on the seed and the query ids.
     """
     if part not in ("held", "rest"):
-        raise ValueError(f"holdout part must be 'held' or 'rest', got {part!r}")
+        raise ConfigError(f"holdout part must be 'held' or 'rest', got {part!r}")
     ids = sorted(dataset.qrels)
     n = int(round(size * len(ids))) if size < 1 else int(size)
     if not 0 < n < len(ids):

@@ -15,7 +15,7 @@ import numpy as np
 
 from kdir.data.dataset import IRDataset
 from kdir.data.formats import read_id_triples, read_margin_scores, read_trec_run, top_ranked
-from kdir.errors import EmptySplitError, UnknownIdError
+from kdir.errors import ConfigError, EmptySplitError, KdirError, UnknownIdError
 
 
 class NegativeSampler(Protocol):
@@ -148,7 +148,11 @@ class QrelsExamples:
 
     def __init__(self, negatives: NegativeSampler | None = None, n_negatives: int = 1):
         if n_negatives > 0 and negatives is None:
-            raise ValueError("n_negatives > 0 needs a negative sampler (data.examples.negatives)")
+            raise KdirError(
+                f"data.examples.n_negatives={n_negatives} needs a negative sampler: choose one with "
+                "negatives=random|run|... (negatives=run negatives.path=<run.trec>), or train on in-batch "
+                "candidates only with data.examples.n_negatives=0"
+            )
         self.sampler, self.n_negatives = negatives, n_negatives
 
     def build(self, dataset: IRDataset) -> Examples:
@@ -169,11 +173,18 @@ class TripleExamples:
         path: MS MARCO id triples (``qid pos neg``) or Hofstätter's teacher TSV
             (``pos_score neg_score qid pos neg``, scores ignored here: the teacher reads them).
         format: ``ids`` or ``margin_scores``.
+        negatives: must be ``None``: the triples fix the negatives, a sampler would be silently ignored.
     """
 
-    def __init__(self, path: str | Path, format: str = "ids"):
+    def __init__(self, path: str | Path, format: str = "ids", negatives: NegativeSampler | None = None):
+        if negatives is not None:
+            raise KdirError(
+                f"{path}: fixed triples bring their own negatives, so a negative sampler "
+                f"({type(negatives).__name__}) would be ignored: use negatives=none with these data, or data "
+                "with qrels examples (e.g. data=msmarco_hn) to sample negatives"
+            )
         if format not in ("ids", "margin_scores"):
-            raise ValueError(f"unknown triples format {format!r}: expected 'ids' or 'margin_scores'")
+            raise ConfigError(f"unknown triples format {format!r}: expected 'ids' or 'margin_scores'")
         self.path, self.format = str(path), format
 
     def build(self, dataset: IRDataset) -> Examples:

@@ -23,13 +23,13 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from kdir.errors import DataFormatError, EmptySplitError
+from kdir.errors import DataFormatError, EmptySplitError, MissingFileError
 
 
 def _open(path: str | Path):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     return path.open(encoding="utf-8")
 
 

@@ -14,13 +14,13 @@ against the teacher's scores over in-batch documents. ``python -m kdir.generate_
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdir.data.dataset import TextStore
-from kdir.errors import DataFormatError, EmptySplitError, KdirError
+from kdir.errors import DataFormatError, EmptySplitError, KdirError, MissingFileError
+from kdir.utils.io import atomic_write
 
 EXPECTED = "'gid<TAB>text' or 'gid<TAB>text<TAB>source_id'"
 
@@ -41,7 +41,7 @@ class GeneratedQueries:
         """Read a generated-queries file; a malformed line raises :class:`DataFormatError` naming ``file:line``."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+            raise MissingFileError(f"{path}: no such file")
         ids: list[str] = []
         texts: list[str] = []
         sources: list[str | None] = []
@@ -84,7 +84,7 @@ class GeneratedQueries:
 def write_generated(
     path: str | Path, ids: Sequence[str], texts: Sequence[str], sources: Sequence[str | None] | None = None
 ) -> Path:
-    """Write ``gid<TAB>text[<TAB>source_id]`` lines to ``path`` atomically (temporary file + ``os.replace``).
+    """Write ``gid<TAB>text[<TAB>source_id]`` lines to ``path`` atomically (:func:`kdir.utils.io.atomic_write`).
 
     ``sources`` may be ``None`` (no source column) or hold ``None`` for rows without a source.
     Raises :class:`KdirError` on unequal lengths, duplicate or empty ids, empty texts, or fields
@@ -102,12 +102,6 @@ def write_generated(
             raise KdirError(f"write_generated: cannot write row {fields!r} (empty id/text, or a tab or line break)")
         lines.append("\t".join(fields) + "\n")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        f.writelines(lines)
     return path

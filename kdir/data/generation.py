@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from tqdm.auto import tqdm
 
 from kdir.data.dataset import IRDataset
@@ -19,8 +18,6 @@ from kdir.errors import KdirError
 log = logging.getLogger(__name__)
 
 SOURCES = ("docs", "queries")
-# Weights are loaded in fp32 whatever dtype they were saved in.
-FP32 = {"dtype": torch.float32} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": torch.float32}
 
 
 def normalise(text: str) -> str:

@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from kdir.errors import ConfigError
+from kdir.utils.io import temp_path
 
 VERSION = "quickstart-v3"
 N_TOPICS, N_ENTITIES, N_DOCS = 40, 80, 2000
@@ -121,7 +123,7 @@ def build_model(out: Path, vocab: list[str], seed: int = 0, hidden: int = 64, la
     import inspect
 
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
     tokens = SPECIAL + sorted(set(vocab))
@@ -132,9 +134,17 @@ def build_model(out: Path, vocab: list[str], seed: int = 0, hidden: int = 64, la
         tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
     if tok.tokenize(tokens[-1]) != [tokens[-1]]:
         raise RuntimeError("quickstart tokenizer does not know its own vocabulary")
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG (a seeded training run) is left as it was
+        torch.manual_seed(seed)
+        _build_bert(out, len(tok), hidden, layers)
+    tok.save_pretrained(out)
+
+
+def _build_bert(out: Path, vocab_size: int, hidden: int, layers: int) -> None:
+    from transformers import BertConfig, BertModel
+
     config = BertConfig(
-        vocab_size=len(tok),
+        vocab_size=vocab_size,
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
@@ -142,7 +152,6 @@ def build_model(out: Path, vocab: list[str], seed: int = 0, hidden: int = 64, la
         max_position_embeddings=128,
     )
     BertModel(config, add_pooling_layer=False).save_pretrained(out)
-    tok.save_pretrained(out)
 
 
 def ensure(what: str = "data") -> str:
@@ -150,15 +159,19 @@ def ensure(what: str = "data") -> str:
     root = cache_root() / VERSION
     if not (root / "data").is_dir() or not (root / "model").is_dir():
         root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=VERSION + ".", dir=root.parent))
-        vocab = build_data(tmp / "data")
-        build_model(tmp / "model", vocab)
+        tmp = temp_path(root)
+        tmp.mkdir()
         try:
-            os.rename(tmp, root)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
+            vocab = build_data(tmp / "data")
+            build_model(tmp / "model", vocab)
+            try:
+                os.rename(tmp, root)
+            except OSError:  # another process won the race
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # left only if the build failed or lost the race
     if what not in ("data", "model"):
-        raise ValueError(f"quickstart asset must be 'data' or 'model', got {what!r}")
+        raise ConfigError(f"quickstart asset must be 'data' or 'model', got {what!r}")
     return str(root / what)
 
 

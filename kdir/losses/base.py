@@ -20,7 +20,10 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-Layout = Literal["pairwise", "inbatch"]
+from kdir.data.batch import Layout
+from kdir.errors import ConfigError
+
+__all__ = ["AppliesTo", "Candidates", "Layout", "Loss"]
 AppliesTo = Literal["real", "generated", "all"]
 
 
@@ -97,12 +100,12 @@ class Loss(nn.Module):
     def __init__(self, layout: Layout, weight: float = 1.0, applies_to: AppliesTo | None = None):
         super().__init__()
         if layout not in self.layouts:
-            raise ValueError(f"loss {self.name!r} supports layouts {self.layouts}, got {layout!r}")
+            raise ConfigError(f"loss {self.name!r} supports layouts {self.layouts}, got {layout!r}")
         applies_to = applies_to or ("real" if self.uses_labels else "all")
         if applies_to not in ("real", "generated", "all"):
-            raise ValueError(f"applies_to must be real, generated or all, got {applies_to!r}")
+            raise ConfigError(f"applies_to must be real, generated or all, got {applies_to!r}")
         if self.uses_labels and applies_to != "real":
-            raise ValueError(
+            raise ConfigError(
                 f"loss {self.name!r} reads hard labels: it applies to real queries only "
                 f"(generated queries have none), got applies_to={applies_to!r}"
             )

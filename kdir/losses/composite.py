@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from kdir.errors import ConfigError
 from kdir.losses.base import Candidates, Layout, Loss
 
 
@@ -28,10 +29,10 @@ class Composite(Loss):
         super().__init__(layout, 1.0, "all")
         active = {name: term for name, term in terms.items() if term is not None and term.weight != 0}
         if not active:
-            raise ValueError("a composite loss needs at least one term with a non-zero weight")
+            raise ConfigError("a composite loss needs at least one term with a non-zero weight")
         for name, term in active.items():
             if term.layout != layout:
-                raise ValueError(f"term {name!r} uses layout {term.layout!r}, the composite {layout!r}")
+                raise ConfigError(f"term {name!r} uses layout {term.layout!r}, the composite {layout!r}")
         self.parts = nn.ModuleDict(active)
         self.uses_teacher = any(t.uses_teacher for t in active.values())
         self.uses_embeddings = any(t.uses_embeddings for t in active.values())

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdir.errors import ConfigError
 from kdir.losses.base import AppliesTo, Candidates, Layout, Loss
 
 Distance = Literal["l2", "mse", "cosine"]
@@ -22,7 +23,7 @@ Distance = Literal["l2", "mse", "cosine"]
 def embed_match(student: Tensor, teacher: Tensor, distance: Distance = "l2") -> Tensor:
     """Mean over rows of ``‖t − s‖₂`` (``l2``), ``‖t − s‖₂² / dim`` (``mse``) or ``1 − cos(t, s)`` (``cosine``)."""
     if student.shape != teacher.shape or student.dim() != 2:
-        raise ValueError(
+        raise ConfigError(
             f"embed_match expects [N, dim] student and teacher embeddings of one size, got "
             f"{tuple(student.shape)} and {tuple(teacher.shape)} (set student_dim/teacher_dim "
             "to learn a projection)"
@@ -34,7 +35,7 @@ def embed_match(student: Tensor, teacher: Tensor, distance: Distance = "l2") -> 
         return F.mse_loss(s, t)
     if distance == "cosine":
         return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
-    raise ValueError(f"distance must be l2, mse or cosine, got {distance!r}")
+    raise ConfigError(f"distance must be l2, mse or cosine, got {distance!r}")
 
 
 class EmbedMatch(Loss):
@@ -64,11 +65,11 @@ class EmbedMatch(Loss):
         applies_to: AppliesTo | None = None,
     ):
         if side not in ("query", "doc"):
-            raise ValueError(f"side must be query or doc, got {side!r}")
+            raise ConfigError(f"side must be query or doc, got {side!r}")
         self.uses_labels = side == "doc"  # the positive document of the query: real queries only
         super().__init__(layout, weight, applies_to)
         if distance not in ("l2", "mse", "cosine"):
-            raise ValueError(f"distance must be l2, mse or cosine, got {distance!r}")
+            raise ConfigError(f"distance must be l2, mse or cosine, got {distance!r}")
         self.side, self.distance, self.normalize = side, distance, normalize
         self.name = f"embed_match_{side}"
         project = student_dim is not None and teacher_dim is not None and student_dim != teacher_dim
@@ -76,7 +77,7 @@ class EmbedMatch(Loss):
 
     def compute(self, c: Candidates) -> Tensor:
         if self.side not in c.embeddings:
-            raise ValueError(
+            raise ConfigError(
                 f"embed_match needs {self.side} embeddings of student and teacher in the batch: the "
                 "teacher must embed (a bi-encoder, or a cross-encoder with dual_pooling)"
             )

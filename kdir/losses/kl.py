@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdir.errors import ConfigError
 from kdir.losses.base import AppliesTo, Candidates, Layout, Loss
 
 
@@ -71,5 +72,5 @@ class KLDistill(Loss):
 
     def compute(self, c: Candidates) -> Tensor:
         if c.teacher is None:
-            raise ValueError("kl needs teacher scores: choose a teacher (e.g. teacher=colbert)")
+            raise ConfigError("kl needs teacher scores: choose a teacher (e.g. teacher=colbert)")
         return kl_divergence(c.student, c.teacher, c.mask, self.tau_teacher, self.tau_student)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from kdir.errors import ConfigError
 from kdir.losses.base import AppliesTo, Candidates, Loss
 
 
@@ -44,5 +45,5 @@ class MarginMSE(Loss):
 
     def compute(self, c: Candidates) -> Tensor:
         if c.teacher is None:
-            raise ValueError("margin_mse needs teacher scores: set teacher=... (e.g. teacher=scores)")
+            raise ConfigError("margin_mse needs teacher scores: set teacher=... (e.g. teacher=scores)")
         return margin_mse(c.student, c.teacher, c.mask)

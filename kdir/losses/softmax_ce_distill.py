@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdir.errors import ConfigError
 from kdir.losses.base import AppliesTo, Candidates, Layout, Loss
 from kdir.losses.kl import log_softmaxes
 
@@ -45,5 +46,5 @@ class SoftmaxCEDistill(Loss):
 
     def compute(self, c: Candidates) -> Tensor:
         if c.teacher is None:
-            raise ValueError("softmax_ce_distill needs teacher scores: choose a teacher")
+            raise ConfigError("softmax_ce_distill needs teacher scores: choose a teacher")
         return softmax_ce_distill(c.student, c.teacher, c.mask, self.temperature)

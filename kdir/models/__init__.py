@@ -1,10 +1,9 @@
-"""Models by architecture (the role, student or teacher, is a config choice): dual encoders, ColBERT (plain and
-collective), cross-encoders and ensembles of them."""
+"""Models by architecture; the role (student or teacher) is a config choice. Every model is a
+:class:`~kdir.models.base.Scorer`: dual encoders, ColBERT (plain and collective), cross-encoders, ensembles."""
 
 from __future__ import annotations
 
-from kdir.models.base import Teacher
-from kdir.models.bi_encoder import BiEncoder
+from kdir.models.base import Scorer
 from kdir.models.colbert import ColBERT, maxsim
 from kdir.models.collective import CollectiveColBERT
 from kdir.models.cross_encoder import CrossEncoder
@@ -12,13 +11,12 @@ from kdir.models.dual_encoder import DualEncoder, TextFormatter
 from kdir.models.ensemble import Ensemble
 
 __all__ = [
-    "BiEncoder",
     "ColBERT",
     "CollectiveColBERT",
     "CrossEncoder",
     "DualEncoder",
     "Ensemble",
-    "Teacher",
+    "Scorer",
     "TextFormatter",
     "maxsim",
 ]

@@ -1,9 +1,14 @@
-"""What every teacher model offers: ``prepare`` (CPU tokenisation, dataloader workers) and ``forward`` (scores).
+"""What every model offers, student or teacher: ``prepare`` / ``forward`` / ``freeze`` / provenance / save / load.
 
-``prepare(queries, docs, candidates)`` turns ``B`` query texts, a list of document texts and ``[B, C]``
-candidate indices into ``docs`` into a flat dict of CPU tensors; ``forward`` moves them to the module's
-device and returns ``[B, C]`` fp32 scores (with gradients when training). Checkpoints are Hugging Face
-folders plus ``kdir_teacher.json`` (the constructor settings).
+``prepare(queries, docs, candidates)`` turns ``B`` query texts, a list of distinct document texts and ``[B, C]``
+candidate indices into ``docs`` into a flat dict of CPU tensors. It is the model's :meth:`Scorer.preparer`, a
+small picklable object (tokenizers and settings, no weights) that dataloader workers carry instead of the model.
+``forward`` moves the prepared inputs to the model's device and returns ``[B, C]`` fp32 scores (with gradients
+when training). Checkpoints are Hugging Face folders plus ``kdir_model.json`` (the constructor settings).
+
+Capabilities are class attributes, not probes: ``multi_vector`` (token embeddings, retrieved by MaxSim),
+``uses_query_keys`` (``prepare`` needs the batch's query-id hashes) and :attr:`Scorer.embeds` (``embed`` /
+``outputs`` return embeddings, for in-batch gathering and embedding matching).
 """
 
 from __future__ import annotations
@@ -13,13 +18,20 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from lightning_fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-CONFIG_NAME = "kdir_teacher.json"
+from kdir.errors import KdirError
+
+if TYPE_CHECKING:
+    from kdir.data.batch import Preparer
+
+CONFIG_NAME = "kdir_model.json"
+LEGACY_CONFIG_NAMES = ("kdir_student.json", "kdir_teacher.json")  # folders written by earlier kdir versions
 
 
 def to_device(inputs: dict, device: torch.device | str) -> dict:
@@ -37,25 +49,56 @@ def as_candidates(candidates: np.ndarray | Tensor, n_queries: int, n_docs: int) 
     return cand
 
 
-class Teacher(nn.Module, ABC):
-    """A scorer of (query, document) pairs; frozen for distillation (:meth:`freeze`) but trainable too.
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The saved constructor settings of a kdir folder (``{}`` for a plain Hugging Face folder or hub name)."""
+    for name in (CONFIG_NAME, *LEGACY_CONFIG_NAMES):
+        file = Path(str(path)) / name
+        if file.is_file():
+            try:
+                return json.loads(file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise KdirError(f"{file}:{e.lineno}: expected the JSON settings of a kdir model ({e.msg})") from None
+    return {}
+
+
+class Scorer(nn.Module, ABC):
+    """A scorer of (query, document) pairs: a student to train or a frozen teacher (:meth:`freeze`).
 
     Subclasses set ``name`` and ``config`` (the constructor settings besides the path), and implement
-    :meth:`prepare`, :meth:`forward` and ``_save`` (the weights and tokenizer of :meth:`save_pretrained`).
+    :meth:`preparer`, :meth:`forward` and :meth:`_save` (the weights and tokenizer of :meth:`save_pretrained`).
     """
 
-    name: str = "teacher"
+    name: ClassVar[str] = "scorer"
+    multi_vector: ClassVar[bool] = False
+    uses_query_keys: ClassVar[bool] = False
     config: dict
 
+    @property
+    def embeds(self) -> bool:
+        """Whether :meth:`embed` / :meth:`outputs` give embeddings (dual encoders, dual-pooling cross-encoders)."""
+        return False
+
     @abstractmethod
+    def preparer(self) -> Preparer:
+        """The picklable CPU tokenisation of a batch (what dataloader workers run)."""
+
     def prepare(
-        self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor
+        self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor, **kw: Any
     ) -> dict[str, Tensor]:
-        """CPU, picklable work (tokenisation); ``candidates[i, j]`` indexes ``docs`` (``[B, C]`` int64)."""
+        """Tokenise a batch: ``candidates[i, j]`` indexes ``docs`` (``[B, C]`` int64); see :meth:`preparer`."""
+        return self.preparer()(queries, docs, candidates, **kw)
 
     @abstractmethod
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         """``[B, C]`` fp32 scores of a prepared batch (inputs are moved to the module's device)."""
+
+    def embed(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Query embeddings ``[B, dim]`` and document embeddings ``[D, dim]`` of a prepared batch."""
+        raise KdirError(f"{type(self).__name__} does not embed queries and documents separately")
+
+    def outputs(self, inputs: dict[str, Tensor], positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Scores ``[B, C]``, query embeddings ``[B, d]`` and each query's ``positive``-column document embedding."""
+        raise KdirError(f"{type(self).__name__} gives no embeddings to match")
 
     @abstractmethod
     def _save(self, path: Path) -> None:
@@ -66,23 +109,23 @@ class Teacher(nn.Module, ABC):
         return next(self.parameters()).device
 
     @torch.no_grad()
-    def score(self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor) -> Tensor:
+    def score(self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor, **kw: Any) -> Tensor:
         """Eval-mode scores ``[B, C]`` (fp32, CPU) of ``queries`` × ``docs[candidates]``."""
         was_training = self.training
         self.eval()
         try:
-            return self(self.prepare(queries, docs, candidates)).float().cpu()
+            return self(self.prepare(queries, docs, candidates, **kw)).float().cpu()
         finally:
             self.train(was_training)
 
-    def freeze(self) -> Teacher:
+    def freeze(self) -> Scorer:
         """Eval mode (no dropout) and no gradients: a fixed teacher for distillation."""
         self.eval()
         self.requires_grad_(False)
         return self
 
     def weights_hash(self) -> str:
-        """sha256 (hex) over the state dict (names, dtypes, shapes, bytes): the score store's provenance."""
+        """sha256 (hex) over the state dict (names, dtypes, shapes, bytes)."""
         h = hashlib.sha256()
         for key, tensor in sorted(self.state_dict().items()):
             t = tensor.detach().cpu().contiguous().reshape(-1)
@@ -90,8 +133,12 @@ class Teacher(nn.Module, ABC):
             h.update(t.view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
+    def provenance(self) -> dict[str, Any]:
+        """What produced a score: the class, its settings and the weights hash (recorded by the stores)."""
+        return {"name": type(self).__name__, "config": self.config, "weights": self.weights_hash()}
+
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write a folder that :meth:`from_pretrained` reads (HF-format weights + ``kdir_teacher.json``)."""
+        """Write a folder that :meth:`from_pretrained` reads (HF-format weights + ``kdir_model.json``)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self._save(path)
@@ -99,8 +146,6 @@ class Teacher(nn.Module, ABC):
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> Teacher:
-        """Load a kdir teacher folder (saved settings, updated by non-``None`` ``overrides``) or any HF model."""
-        cfg_file = Path(str(path)) / CONFIG_NAME
-        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        return cls(path, **(config | {k: v for k, v in overrides.items() if v is not None}))
+    def from_pretrained(cls, path: str | Path, **overrides: Any) -> Scorer:
+        """Load a kdir folder (saved settings, updated by non-``None`` ``overrides``) or any HF model."""
+        return cls(path, **(read_settings(path) | {k: v for k, v in overrides.items() if v is not None}))

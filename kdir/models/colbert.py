@@ -22,11 +22,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.utils import cached_file
 
-from kdir.models.base import Teacher, as_candidates, to_device
-from kdir.models.dual_encoder import _load_backbone
+from kdir.errors import ConfigError
+from kdir.models.base import Scorer, as_candidates, to_device
+from kdir.models.hf import backbone_from_config, fast_tokenizer, load_backbone
 
 Side = Literal["query", "doc"]
 Similarity = Literal["cosine", "l2"]
@@ -45,7 +45,7 @@ def maxsim(
         chunk_size: documents per chunk (0: sized so each ``[Nq, chunk, Lq, Ld]`` block has ≤ 2^25 entries).
     """
     if similarity not in ("cosine", "l2"):
-        raise ValueError(f"similarity must be 'cosine' or 'l2', got {similarity!r}")
+        raise ConfigError(f"similarity must be 'cosine' or 'l2', got {similarity!r}")
     n_q, l_q, _ = q.shape
     n_d, l_d, _ = d.shape
     chunk_size = chunk_size or max(1, 2**25 // max(1, n_q * l_q * l_d))
@@ -116,7 +116,22 @@ class ColBERTFormatter:
         return {"input_ids": ids, "attention_mask": mask}
 
 
-class ColBERT(Teacher):
+class ColBERTPreparer:
+    """ColBERT's batch tokenisation: the queries and each distinct candidate document once (picklable)."""
+
+    def __init__(self, query_formatter: ColBERTFormatter, doc_formatter: ColBERTFormatter):
+        self.query_formatter, self.doc_formatter = query_formatter, doc_formatter
+
+    def __call__(
+        self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor
+    ) -> dict[str, Tensor]:
+        """``query_*`` / ``doc_*`` token tensors and ``candidates [B, C]`` into the distinct ``docs``."""
+        cand = as_candidates(candidates, len(queries), len(docs))
+        q, d = self.query_formatter(queries), self.doc_formatter(list(docs))
+        return {f"query_{k}": v for k, v in q.items()} | {f"doc_{k}": v for k, v in d.items()} | {"candidates": cand}
+
+
+class ColBERT(Scorer):
     """A ColBERT teacher: token embeddings and MaxSim.
 
     Args:
@@ -154,37 +169,31 @@ class ColBERT(Teacher):
     ):
         super().__init__()
         if similarity not in ("cosine", "l2"):
-            raise ValueError(f"similarity must be 'cosine' or 'l2', got {similarity!r}")
+            raise ConfigError(f"similarity must be 'cosine' or 'l2', got {similarity!r}")
         path = Path(str(model_name_or_path))
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_name_or_path))
-        if not self.tokenizer.is_fast:
-            raise ValueError(f"{model_name_or_path}: kdir needs a fast tokenizer")
+        self.tokenizer = fast_tokenizer(model_name_or_path)
         vocab = self.tokenizer.get_vocab()
         for token in (query_marker, doc_marker, self.tokenizer.mask_token):
             if token not in vocab:
-                raise ValueError(f"{model_name_or_path}: the tokenizer has no {token!r} token")
+                raise ConfigError(f"{model_name_or_path}: the tokenizer has no {token!r} token")
         self.marker_ids = {"query": vocab[query_marker], "doc": vocab[doc_marker]}
         skip = sorted({vocab[p] for p in string.punctuation if p in vocab}) if mask_punctuation else []
         self.register_buffer("skip_ids", torch.tensor(skip, dtype=torch.long), persistent=False)
 
         state = None if (path / LINEAR_NAME).is_file() else _published_state(model_name_or_path)
         if state is not None:  # published layout: one file with bert.* and linear.weight
-            bert_config = AutoConfig.from_pretrained(str(model_name_or_path))
-            try:
-                self.bert = AutoModel.from_config(bert_config, add_pooling_layer=False)
-            except TypeError:
-                self.bert = AutoModel.from_config(bert_config)
+            self.bert = backbone_from_config(model_name_or_path)
             bert = {k[5:]: v for k, v in state.items() if k.startswith("bert.")}
             missing, unexpected = self.bert.load_state_dict(bert, strict=False)
             unexpected = [k for k in unexpected if not k.startswith("pooler.") and not k.endswith("position_ids")]
             if missing or unexpected:
-                raise ValueError(
+                raise ConfigError(
                     f"{model_name_or_path}: ColBERT weights do not fit the backbone "
                     f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
                 )
             dim = state["linear.weight"].shape[0]
         else:
-            self.bert = _load_backbone(model_name_or_path)
+            self.bert = load_backbone(model_name_or_path)
         saved = load_file(path / LINEAR_NAME) if state is None and (path / LINEAR_NAME).is_file() else None
         if saved is not None:  # a kdir folder: its linear map decides the size and the bias
             dim, bias = saved["weight"].shape[0], "bias" in saved
@@ -230,14 +239,9 @@ class ColBERT(Teacher):
             return emb, torch.ones_like(ids, dtype=torch.bool)
         return emb, attention.bool() & ~torch.isin(ids, self.skip_ids)
 
-    def prepare(
-        self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor
-    ) -> dict[str, Tensor]:
-        """Tokenise the queries and each distinct candidate document once; ``candidates`` index the latter."""
-        cand = as_candidates(candidates, len(queries), len(docs))
-        texts = list(docs)  # callers pass distinct documents (the collator de-duplicates by id)
-        q, d = self.tokenize(queries, "query"), self.tokenize(texts, "doc")
-        return {f"query_{k}": v for k, v in q.items()} | {f"doc_{k}": v for k, v in d.items()} | {"candidates": cand}
+    def preparer(self) -> ColBERTPreparer:
+        """Tokenisation of a batch (CPU, dataloader workers): the queries and each distinct document once."""
+        return ColBERTPreparer(self.query_formatter, self.doc_formatter)
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         """``[B, C]`` fp32 scores: the full query × distinct-document MaxSim matrix, gathered at the candidates."""

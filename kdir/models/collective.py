@@ -22,7 +22,7 @@ from torch import Tensor
 
 from kdir.errors import KdirError
 from kdir.models.base import to_device
-from kdir.models.colbert import ColBERT, Similarity, maxsim
+from kdir.models.colbert import ColBERT, ColBERTPreparer, Similarity, maxsim
 from kdir.stores.expansion_store import ExpansionStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,36 @@ def collective_maxsim(
     tokens = torch.cat([q.float(), expansion.to(q.device, torch.float32)], dim=1)
     weights = torch.cat([q_mask.float(), expansion_weights.to(q.device, torch.float32)], dim=1)
     return maxsim(tokens, weights, d.float(), d_mask, similarity)
+
+
+class CollectivePreparer:
+    """The collective teacher's batch tokenisation: ColBERT's inputs plus ``query_expansion [B, k, dim]`` and
+    ``query_expansion_weights [B, k]`` (CPU). ``query_keys`` are the ``uint64 [B]`` xxh64 hashes of the query ids
+    (:func:`kdir.stores.id_hashes`); a query absent from the store gets zero weights."""
+
+    def __init__(self, colbert: ColBERTPreparer, expansion: ExpansionStore):
+        self.colbert, self.expansion = colbert, expansion
+
+    def __call__(
+        self,
+        queries: Sequence[str],
+        docs: Sequence[str],
+        candidates: np.ndarray | Tensor,
+        query_keys: np.ndarray | None = None,
+    ) -> dict[str, Tensor]:
+        if query_keys is None:
+            raise KdirError(
+                "the collective ColBERT teacher needs the batch's query-id hashes (query_keys=id_hashes(qids)) to "
+                "look up their expansions; it serves the training batches of the teacher signal"
+            )
+        keys = np.asarray(query_keys)
+        if keys.shape != (len(queries),):
+            raise KdirError(f"query_keys must be [B={len(queries)}] uint64 hashes, got shape {keys.shape}")
+        vectors, weights = self.expansion.lookup(keys)
+        inputs = self.colbert(queries, docs, candidates)
+        inputs["query_expansion"] = torch.from_numpy(vectors)
+        inputs["query_expansion_weights"] = torch.from_numpy(weights)
+        return inputs
 
 
 class CollectiveColBERT(ColBERT):
@@ -88,30 +118,9 @@ class CollectiveColBERT(ColBERT):
         (the paper's) unless given, whatever similarity the folder records."""
         return super().from_pretrained(path, **({"similarity": "l2"} | overrides))
 
-    def prepare(
-        self,
-        queries: Sequence[str],
-        docs: Sequence[str],
-        candidates: np.ndarray | Tensor,
-        query_keys: np.ndarray | None = None,
-    ) -> dict[str, Tensor]:
-        """ColBERT inputs plus ``query_expansion [B, k, dim]`` / ``query_expansion_weights [B, k]`` (CPU).
-
-        ``query_keys`` are the ``uint64 [B]`` xxh64 hashes of the query ids (:func:`kdir.stores.id_hashes`).
-        """
-        if query_keys is None:
-            raise KdirError(
-                "the collective ColBERT teacher needs the batch's query-id hashes (query_keys=id_hashes(qids)) to "
-                "look up their expansions; it serves the training batches of the teacher signal"
-            )
-        keys = np.asarray(query_keys)
-        if keys.shape != (len(queries),):
-            raise KdirError(f"query_keys must be [B={len(queries)}] uint64 hashes, got shape {keys.shape}")
-        vectors, weights = self.expansion.lookup(keys)
-        inputs = super().prepare(queries, docs, candidates)
-        inputs["query_expansion"] = torch.from_numpy(vectors)
-        inputs["query_expansion_weights"] = torch.from_numpy(weights)
-        return inputs
+    def preparer(self) -> CollectivePreparer:
+        """ColBERT's tokenisation plus each query's expansion vectors, looked up by its id hash."""
+        return CollectivePreparer(super().preparer(), self.expansion)
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         """``[B, C]`` fp32 expanded-query scores of the candidates."""
@@ -125,19 +134,3 @@ class CollectiveColBERT(ColBERT):
         expansion, weights = inputs["query_expansion"], inputs["query_expansion_weights"]
         scores = collective_maxsim(q, q_mask, expansion, weights, d, d_mask, self.config["similarity"])
         return scores.gather(1, inputs["candidates"])
-
-    @torch.no_grad()
-    def score(
-        self,
-        queries: Sequence[str],
-        docs: Sequence[str],
-        candidates: np.ndarray | Tensor,
-        query_keys: np.ndarray | None = None,
-    ) -> Tensor:
-        """Eval-mode scores ``[B, C]`` (fp32, CPU); ``query_keys`` as in :meth:`prepare`."""
-        was_training = self.training
-        self.eval()
-        try:
-            return self(self.prepare(queries, docs, candidates, query_keys=query_keys)).float().cpu()
-        finally:
-            self.train(was_training)

@@ -15,14 +15,51 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
-from kdir.models.base import Teacher, as_candidates, to_device
-from kdir.models.dual_encoder import FP32, _load_backbone
+from kdir.errors import ConfigError
+from kdir.models.base import Scorer, as_candidates, to_device
+from kdir.models.hf import fast_tokenizer, load_backbone, load_sequence_classifier
 
 
-class CrossEncoder(Teacher):
+class PairPreparer:
+    """A cross-encoder's batch tokenisation: ``[CLS] q [SEP] d [SEP]`` for every candidate pair (picklable)."""
+
+    def __init__(self, tokenizer, use_token_types: bool, **settings) -> None:
+        self.tokenizer, self.use_token_types, self.settings = tokenizer, use_token_types, settings
+
+    def _truncate_queries(self, queries: Sequence[str]) -> list[str]:
+        """Cut each query text after its ``query_max_length``-th token."""
+        enc = self.tokenizer(
+            list(queries),
+            add_special_tokens=False,
+            truncation=True,
+            max_length=self.settings["query_max_length"],
+            return_offsets_mapping=True,
+        )
+        return [q[: offsets[-1][1]] if offsets else q for q, offsets in zip(queries, enc["offset_mapping"])]
+
+    def __call__(
+        self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor
+    ) -> dict[str, Tensor]:
+        """Tokenise the ``B × C`` pairs ``[CLS] q [SEP] d [SEP]`` (row ``i * C + j``: query ``i``, candidate ``j``)."""
+        cand = as_candidates(candidates, len(queries), len(docs))
+        n_cand = cand.shape[1]
+        q_texts = [q for q in self._truncate_queries(queries) for _ in range(n_cand)]
+        d_texts = [docs[j] for j in cand.reshape(-1).tolist()]
+        enc = self.tokenizer(
+            q_texts,
+            d_texts,
+            truncation="only_second",
+            max_length=self.settings["max_length"],
+            padding=True,
+            return_tensors="pt",
+            return_token_type_ids=self.use_token_types,
+            return_special_tokens_mask=self.settings["dual_pooling"],
+        )
+        return dict(enc) | {"candidates": cand}
+
+
+class CrossEncoder(Scorer):
     """A BERT-CAT cross-encoder teacher.
 
     Args:
@@ -44,62 +81,29 @@ class CrossEncoder(Teacher):
     ):
         super().__init__()
         if max_length < query_max_length + 4:
-            raise ValueError(
+            raise ConfigError(
                 f"max_length={max_length} leaves no room for the document "
                 f"(query_max_length={query_max_length} + 3 special tokens)"
             )
         self.config = dict(query_max_length=query_max_length, max_length=max_length, dual_pooling=dual_pooling)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_name_or_path))
-        if not self.tokenizer.is_fast:
-            raise ValueError(f"{model_name_or_path}: kdir needs a fast tokenizer")
+        self.tokenizer = fast_tokenizer(model_name_or_path)
         self.use_token_types = "token_type_ids" in self.tokenizer.model_input_names
         if dual_pooling and not self.use_token_types:
-            raise ValueError(
+            raise ConfigError(
                 f"{model_name_or_path}: dual pooling finds the query by token_type_ids, which this "
                 "tokenizer does not produce"
             )
-        if dual_pooling:
-            self.model = _load_backbone(model_name_or_path)
-        else:
-            verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()  # from a plain encoder the load report lists the new head
-            try:
-                self.model = AutoModelForSequenceClassification.from_pretrained(
-                    str(model_name_or_path), num_labels=1, **FP32
-                )
-            finally:
-                hf_logging.set_verbosity(verbosity)
-
-    def _truncate_queries(self, queries: Sequence[str]) -> list[str]:
-        """Cut each query text after its ``query_max_length``-th token."""
-        enc = self.tokenizer(
-            list(queries),
-            add_special_tokens=False,
-            truncation=True,
-            max_length=self.config["query_max_length"],
-            return_offsets_mapping=True,
+        self.model = (
+            load_backbone(model_name_or_path) if dual_pooling else load_sequence_classifier(model_name_or_path)
         )
-        return [q[: offsets[-1][1]] if offsets else q for q, offsets in zip(queries, enc["offset_mapping"])]
 
-    def prepare(
-        self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor
-    ) -> dict[str, Tensor]:
-        """Tokenise the ``B × C`` pairs ``[CLS] q [SEP] d [SEP]`` (row ``i * C + j``: query ``i``, candidate ``j``)."""
-        cand = as_candidates(candidates, len(queries), len(docs))
-        n_cand = cand.shape[1]
-        q_texts = [q for q in self._truncate_queries(queries) for _ in range(n_cand)]
-        d_texts = [docs[j] for j in cand.reshape(-1).tolist()]
-        enc = self.tokenizer(
-            q_texts,
-            d_texts,
-            truncation="only_second",
-            max_length=self.config["max_length"],
-            padding=True,
-            return_tensors="pt",
-            return_token_type_ids=self.use_token_types,
-            return_special_tokens_mask=self.config["dual_pooling"],
-        )
-        return dict(enc) | {"candidates": cand}
+    @property
+    def embeds(self) -> bool:
+        return bool(self.config["dual_pooling"])
+
+    def preparer(self) -> PairPreparer:
+        """Tokenisation of the ``B × C`` candidate pairs (CPU, dataloader workers; the tokenizer and settings only)."""
+        return PairPreparer(self.tokenizer, self.use_token_types, **self.config)
 
     def _encode(self, inputs: dict[str, Tensor]):
         inputs = to_device(inputs, self.device)

@@ -6,26 +6,27 @@ skipping leading marker tokens) → optional linear projection → optional L2 n
 
 Checkpoints are Hugging Face folders: the query tower and tokenizer at the top level (so
 ``AutoModel.from_pretrained(path)`` works anywhere), the document tower in ``doc/`` when it is
-separate, and ``kdir_student.json`` (+ ``projection.safetensors``) for the rest.
+separate, and ``kdir_model.json`` (+ ``projection.safetensors``) for the rest. As a teacher it scores the
+batch's full query × document matrix, gathered at the candidates.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
+from transformers import PreTrainedTokenizerBase
+
+from kdir.errors import ConfigError
+from kdir.models.base import Scorer, to_device
+from kdir.models.hf import fast_tokenizer, load_backbone
 
 Side = Literal["query", "doc"]
-CONFIG_NAME = "kdir_student.json"
 
 
 class TextFormatter:
@@ -40,7 +41,7 @@ class TextFormatter:
         self, tokenizer: PreTrainedTokenizerBase, max_length: int, prefix: str = "", mask_padding: bool = False
     ):
         if mask_padding and tokenizer.mask_token_id is None:
-            raise ValueError("mask_padding needs a tokenizer with a [MASK] token")
+            raise ConfigError("mask_padding needs a tokenizer with a [MASK] token")
         self.tokenizer, self.max_length, self.prefix, self.mask_padding = tokenizer, max_length, prefix, mask_padding
 
     def __call__(self, texts: Sequence[str]) -> dict[str, Tensor]:
@@ -60,33 +61,22 @@ class TextFormatter:
         return {"input_ids": ids, "attention_mask": mask}
 
 
-# Weights are loaded in fp32 whatever dtype they were saved in (transformers >= 5 keeps the saved dtype by
-# default, and fp16/bf16 parameters would silently train in half precision): mixed precision is the trainer's job.
-FP32 = {"dtype": torch.float32} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": torch.float32}
+class DualPreparer:
+    """A dual encoder's batch tokenisation: each query and each distinct document once (picklable, no weights)."""
+
+    def __init__(self, query_formatter: TextFormatter, doc_formatter: TextFormatter):
+        self.query_formatter, self.doc_formatter = query_formatter, doc_formatter
+
+    def __call__(self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor) -> dict:
+        """``{"query", "doc", "candidates"}``: ``candidates [B, C]`` index the batch's distinct ``docs``."""
+        return {
+            "query": self.query_formatter(queries),
+            "doc": self.doc_formatter(docs),
+            "candidates": torch.as_tensor(np.asarray(candidates), dtype=torch.long),
+        }
 
 
-def _fast_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    if not tokenizer.is_fast:
-        raise ValueError(f"{name_or_path}: kdir needs a fast tokenizer")
-    return tokenizer
-
-
-def _load_backbone(name_or_path: str | Path) -> nn.Module:
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the load report would list the skipped pooler weights
-    try:  # BERT-like models: skip the pooler head, unused by kdir's pooling
-        model = AutoModel.from_pretrained(str(name_or_path), add_pooling_layer=False, **FP32)
-    except TypeError:
-        model = AutoModel.from_pretrained(str(name_or_path), **FP32)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if getattr(model, "pooler", None) is not None:
-        model.pooler = None  # unused by kdir's pooling; would leave DDP with parameters without gradients
-    return model
-
-
-class DualEncoder(nn.Module):
+class DualEncoder(Scorer):
     """A bi-encoder student (or teacher) over Hugging Face backbones.
 
     Args:
@@ -105,6 +95,8 @@ class DualEncoder(nn.Module):
             tower is then projected to the document tower's size when the two differ.
         tokenizer_name_or_path: tokenizer source if not the model folder.
     """
+
+    name = "dual_encoder"
 
     def __init__(
         self,
@@ -125,9 +117,9 @@ class DualEncoder(nn.Module):
     ):
         super().__init__()
         if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+            raise ConfigError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         if similarity not in ("dot", "cosine"):
-            raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
+            raise ConfigError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
         path = Path(str(model_name_or_path))
         doc_path = doc_model_name_or_path
         if doc_path is None and not shared and (path / "doc").is_dir():
@@ -146,18 +138,18 @@ class DualEncoder(nn.Module):
             freeze_doc_encoder=freeze_doc_encoder,
         )
         if freeze_doc_encoder and shared:
-            raise ValueError("freeze_doc_encoder needs separate towers (shared=false)")
-        self.query_encoder = _load_backbone(model_name_or_path)
-        self.doc_encoder = self.query_encoder if shared else _load_backbone(doc_path or model_name_or_path)
-        self.tokenizer = _fast_tokenizer(tokenizer_name_or_path or model_name_or_path)
+            raise ConfigError("freeze_doc_encoder needs separate towers (shared=false)")
+        self.query_encoder = load_backbone(model_name_or_path)
+        self.doc_encoder = self.query_encoder if shared else load_backbone(doc_path or model_name_or_path)
+        self.tokenizer = fast_tokenizer(tokenizer_name_or_path or model_name_or_path)
         doc_tokenizer = self.tokenizer
         if freeze_doc_encoder and doc_path is not None:  # the inherited tower keeps its own vocabulary
-            doc_tokenizer = _fast_tokenizer(doc_path)
+            doc_tokenizer = fast_tokenizer(doc_path)
         hidden, doc_hidden = self.query_encoder.config.hidden_size, self.doc_encoder.config.hidden_size
         if freeze_doc_encoder:  # only the query side is projected, onto the frozen tower's space
             out = doc_hidden if projection_dim is None else projection_dim
             if projection_dim is not None and projection_dim != doc_hidden:
-                raise ValueError(
+                raise ConfigError(
                     f"projection_dim={projection_dim} must equal the frozen document tower's size {doc_hidden}"
                 )
             self.query_projection = nn.Linear(hidden, out) if out != hidden or projection_dim else None
@@ -212,78 +204,40 @@ class DualEncoder(nn.Module):
             emb = nn.functional.normalize(emb, dim=-1)
         return emb
 
+    @property
+    def embeds(self) -> bool:
+        return True
+
     @staticmethod
-    def score(queries: Tensor, docs: Tensor) -> Tensor:
+    def score_matrix(queries: Tensor, docs: Tensor) -> Tensor:
         """Full score matrix ``[Nq, Nd]`` (inner product; cosine when embeddings are normalised)."""
         return queries @ docs.T
 
-    def prepare(self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor) -> dict:
-        """Tokenise a batch (CPU, in dataloader workers): each query and each distinct document once.
-
-        Args:
-            queries: ``B`` query texts.
-            docs: the batch's distinct document texts.
-            candidates: ``[B, C]`` indices into ``docs`` (the candidate layout).
-        """
-        return {
-            "query": self.query_formatter(queries),
-            "doc": self.doc_formatter(docs),
-            "candidates": torch.as_tensor(np.asarray(candidates), dtype=torch.long),
-        }
+    def preparer(self) -> DualPreparer:
+        """Tokenisation of a batch (CPU, in dataloader workers): each query and each distinct document once."""
+        return DualPreparer(self.query_formatter, self.doc_formatter)
 
     def embed(self, inputs: dict) -> tuple[Tensor, Tensor]:
         """Embeddings of a prepared batch: queries ``[B, dim]`` and its distinct documents ``[D, dim]``."""
+        inputs = to_device(inputs, self.device)
         return self.encode(inputs["query"], "query"), self.encode(inputs["doc"], "doc")
 
     def forward(self, inputs: dict) -> Tensor:
         """Scores ``[B, C]`` of the prepared batch: every document encoded once, full matrix, then gathered."""
         q, d = self.embed(inputs)
-        return self.score(q, d).float().gather(1, inputs["candidates"])  # [B, C]
+        return self.score_matrix(q, d).float().gather(1, inputs["candidates"].to(q.device))  # [B, C]
 
     def outputs(self, inputs: dict, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Scores ``[B, C]``, query embeddings ``[B, dim]`` and each query's ``positive``-column document's
         embedding ``[B, dim]`` (rows with ``positive < 0`` take column 0: undefined for embedding matching)."""
         q, d = self.embed(inputs)
-        cand = inputs["candidates"]
+        cand = inputs["candidates"].to(q.device)
         own = cand.gather(1, positive.clamp(min=0).to(cand.device)[:, None])[:, 0]
-        return self.score(q, d).float().gather(1, cand), q, d[own]
+        return self.score_matrix(q, d).float().gather(1, cand), q, d[own]
 
-    @torch.inference_mode()
-    def encode_texts(
-        self,
-        texts: Sequence[str],
-        side: Side,
-        batch_size: int = 128,
-        device: str | torch.device | None = None,
-        progress: bool = False,
-    ) -> Tensor:
-        """Embed many texts in length-sorted batches (less padding); returns ``[N, dim]`` fp32 on CPU."""
-        from tqdm.auto import tqdm
-
-        device = device or next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        out = torch.empty(len(texts), self.dim)
-        fmt = self.formatter(side)
-        starts = range(0, len(texts), batch_size)
-        for s in tqdm(starts, desc=f"encode {side}", disable=not progress, unit="batch"):
-            idx = order[s : s + batch_size]
-            tokens = {k: v.to(device) for k, v in fmt([texts[i] for i in idx]).items()}
-            out[idx] = self.encode(tokens, side).float().cpu()
-        self.train(was_training)
-        return out
-
-    def encode_queries(self, texts: Sequence[str], **kw) -> Tensor:
-        return self.encode_texts(texts, "query", **kw)
-
-    def encode_docs(self, texts: Sequence[str], **kw) -> Tensor:
-        return self.encode_texts(texts, "doc", **kw)
-
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write an HF-format folder (query tower + tokenizer at top level) that :meth:`from_pretrained` reads."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+    def _save(self, path: Path) -> None:
+        """The query tower + tokenizer at the top level (``AutoModel.from_pretrained`` works), the document tower in
+        ``doc/`` when separate, the projections in ``projection.safetensors``."""
         self.query_encoder.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         if not self.config["shared"]:
@@ -294,18 +248,9 @@ class DualEncoder(nn.Module):
             if self.doc_projection is not None:
                 tensors |= {f"doc.{k}": v for k, v in self.doc_projection.state_dict().items()}
             save_file({k: v.contiguous() for k, v in tensors.items()}, path / "projection.safetensors")
-        (path / CONFIG_NAME).write_text(json.dumps(self.config, indent=2))
-        return path
 
     def _load_projection(self, file: Path) -> None:
         tensors = load_file(file)
         self.query_projection.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("query.")})
         if self.doc_projection is not None:
             self.doc_projection.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("doc.")})
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> DualEncoder:
-        """Load a kdir checkpoint folder (saved settings, updated by non-``None`` ``overrides``) or any HF encoder."""
-        cfg_file = Path(str(path)) / CONFIG_NAME
-        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        return cls(path, **(config | {k: v for k, v in overrides.items() if v is not None}))

@@ -1,4 +1,4 @@
-"""Teacher ensemble: the (weighted) mean of its members' scores.
+"""Scorer ensemble: the (weighted) mean of its members' scores.
 
 Margin-MSE's T2 teacher (Hofstätter et al. 2020) is the plain mean of the raw logits of three BERT-CAT
 cross-encoders: ``normalize="none"``, no weights. ``normalize="zscore"`` first standardises each member's
@@ -8,9 +8,7 @@ members on one scale but makes a pair's score depend on the rest of the batch.
 
 from __future__ import annotations
 
-import importlib
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -18,12 +16,28 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdir.models.base import CONFIG_NAME, Teacher
+from kdir.errors import ConfigError, KdirError
+from kdir.models.base import Scorer, read_settings
 
 Normalize = Literal["none", "zscore"]
+MODEL_NAMES = "ColBERT, CollectiveColBERT, CrossEncoder, DualEncoder, Ensemble"
 
 
-class Ensemble(Teacher):
+class EnsemblePreparer:
+    """The members' batch tokenisations, under the keys ``<member>.<key>`` (picklable)."""
+
+    def __init__(self, members: Mapping[str, Callable[..., dict[str, Tensor]]]):
+        self.members = dict(members)
+
+    def __call__(
+        self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor
+    ) -> dict[str, Tensor]:
+        return {
+            f"{name}.{k}": v for name, prep in self.members.items() for k, v in prep(queries, docs, candidates).items()
+        }
+
+
+class Ensemble(Scorer):
     """Mean of several teachers' scores.
 
     Args:
@@ -36,21 +50,21 @@ class Ensemble(Teacher):
 
     def __init__(
         self,
-        members: Sequence[Teacher] | Mapping[str, Teacher],
+        members: Sequence[Scorer] | Mapping[str, Scorer],
         normalize: Normalize = "none",
         weights: Sequence[float] | None = None,
     ):
         super().__init__()
         if normalize not in ("none", "zscore"):
-            raise ValueError(f"normalize must be 'none' or 'zscore', got {normalize!r}")
+            raise ConfigError(f"normalize must be 'none' or 'zscore', got {normalize!r}")
         items = members.items() if isinstance(members, Mapping) else enumerate(members)
         self.members = nn.ModuleDict({str(name): m for name, m in items})
         if not self.members:
-            raise ValueError("an ensemble needs at least one member")
+            raise ConfigError("an ensemble needs at least one member")
         if weights is not None:
             weights = [float(w) for w in weights]
             if len(weights) != len(self.members) or sum(weights) <= 0:
-                raise ValueError(f"need {len(self.members)} weights with a positive sum, got {weights}")
+                raise ConfigError(f"need {len(self.members)} weights with a positive sum, got {weights}")
         self.normalize, self.weights = normalize, weights
         self.config = dict(
             normalize=normalize,
@@ -58,15 +72,9 @@ class Ensemble(Teacher):
             members={n: f"{type(m).__module__}.{type(m).__qualname__}" for n, m in self.members.items()},
         )
 
-    def prepare(
-        self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor
-    ) -> dict[str, Tensor]:
-        """Every member's prepared inputs, under the keys ``<member>.<key>``."""
-        return {
-            f"{name}.{k}": v
-            for name, m in self.members.items()
-            for k, v in m.prepare(queries, docs, candidates).items()
-        }
+    def preparer(self) -> EnsemblePreparer:
+        """Every member's tokenisation; prepared inputs are keyed ``<member>.<key>``."""
+        return EnsemblePreparer({name: m.preparer() for name, m in self.members.items()})
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         """``[B, C]`` fp32 (weighted) mean of the members' (optionally z-scored) scores."""
@@ -88,10 +96,17 @@ class Ensemble(Teacher):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> Ensemble:
-        """Load a saved ensemble: each member from its sub-folder with its recorded class."""
-        config = json.loads((Path(path) / CONFIG_NAME).read_text()) | overrides
+        """Load a saved ensemble: each member from its sub-folder with its recorded class (kdir's models only)."""
+        from kdir import models
+
+        config = read_settings(path) | overrides
         members = {}
         for name, qualname in config.pop("members").items():
-            module, _, cls_name = qualname.rpartition(".")
-            members[name] = getattr(importlib.import_module(module), cls_name).from_pretrained(Path(path) / name)
+            cls_name = str(qualname).rpartition(".")[2]  # the class, wherever an earlier version defined it
+            member_cls = getattr(models, cls_name, None)
+            if not (isinstance(member_cls, type) and issubclass(member_cls, Scorer)) or cls_name not in models.__all__:
+                raise KdirError(
+                    f"{path}: member {name!r} has class {qualname!r}, not one of kdir's models ({MODEL_NAMES})"
+                )
+            members[name] = member_cls.from_pretrained(Path(path) / name)
         return cls(members, **config)

@@ -1,4 +1,5 @@
-"""Retrieval evaluation: encode queries and corpus, FAISS top-k, TREC run, ir-measures metrics."""
+"""Evaluators: end-to-end retrieval (FAISS, or MaxSim for multi-vector models) and re-ranking, scored with
+ir-measures; each returns ``(metrics, run)``."""
 
 from __future__ import annotations
 
@@ -6,42 +7,44 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from kdir.data.collate import EncodeCollator
 from kdir.data.dataset import IRDataset
+from kdir.errors import KdirError
+from kdir.retrieval.encode import Side, encode_batch, encode_texts
 from kdir.retrieval.metrics import Run, evaluate_run, parse_measures, run_from_topk, write_trec_run
-from kdir.retrieval.search import search
+from kdir.retrieval.search import maxsim_search, search
 from kdir.stores import id_hashes
-from kdir.utils import print_metrics, save_json
+from kdir.utils.io import save_json
+from kdir.utils.report import print_metrics
 
 if TYPE_CHECKING:
-    from kdir.models.dual_encoder import DualEncoder, TextFormatter
+    from kdir.models.base import Scorer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_METRICS = ("nDCG@10", "RR@10", "R@100", "R@1000")
 
 
-class LengthSortedRows(Dataset):
-    """Row numbers of ``texts``, longest first, so encoding batches carry little padding."""
+class Evaluator(Protocol):
+    """What every evaluator offers: ``evaluate(model)`` → ``(metrics, run)`` on its dataset split."""
 
-    def __init__(self, texts: Sequence[str]):
-        self.order = np.argsort([-len(t) for t in texts], kind="stable")
+    dataset: IRDataset
 
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, i: int) -> int:
-        return int(self.order[i])
+    def evaluate(
+        self, model: Scorer, device: str | torch.device | None = None, progress: bool = True
+    ) -> tuple[dict[str, float], Run]: ...
 
 
 class RetrievalEvaluator:
     """End-to-end dense retrieval over a dataset's whole corpus, scored with ir-measures.
+
+    The protocol the training module drives on the datamodule's evaluation loaders (sharded over ranks by
+    Lightning): :meth:`encode_step` per batch, :meth:`retrieve` on the gathered encodings, :meth:`score` the run.
+    Standalone, :meth:`evaluate` does all of it in one process.
 
     Args:
         dataset: the split to evaluate (its queries, its qrels, the full corpus).
@@ -65,27 +68,14 @@ class RetrievalEvaluator:
         self.dataset, self.metrics, self.depth = dataset, list(metrics), depth
         self.index_factory, self.use_gpu, self.batch_size = index_factory, use_gpu, batch_size
 
-    def dataloaders(
-        self, query_formatter: TextFormatter, doc_formatter: TextFormatter, num_workers: int = 0
-    ) -> list[DataLoader]:
-        """``[queries, corpus]`` loaders of ``{"tokens", "rows"}`` batches (Lightning shards them under DDP)."""
-        out = []
-        for texts, fmt in ((self.dataset.queries.texts, query_formatter), (self.dataset.corpus.texts, doc_formatter)):
-            out.append(
-                DataLoader(
-                    LengthSortedRows(texts),
-                    batch_size=self.batch_size,
-                    shuffle=False,
-                    num_workers=num_workers,
-                    collate_fn=EncodeCollator(texts, fmt),
-                )
-            )
-        return out
+    def encode_step(self, model: Scorer, tokens: dict[str, torch.Tensor], side: Side) -> tuple[torch.Tensor, ...]:
+        """The encodings of one batch of one side (see :func:`kdir.retrieval.encode.encode_batch`)."""
+        return encode_batch(model, tokens, side)
 
-    def retrieve(self, queries: np.ndarray | torch.Tensor, docs: np.ndarray | torch.Tensor) -> Run:
+    def retrieve(self, queries: tuple[torch.Tensor, ...], docs: tuple[torch.Tensor, ...], model: Scorer) -> Run:
         """Top-``depth`` run from query ``[Nq, d]`` and corpus ``[Nd, d]`` embeddings (rows in dataset order)."""
-        q = np.asarray(queries, dtype=np.float32)
-        d = np.asarray(docs, dtype=np.float32)
+        q = queries[0].detach().float().cpu().numpy()
+        d = docs[0].detach().float().cpu().numpy()
         scores, rows = search(q, d, self.depth, self.index_factory, self.use_gpu)
         return run_from_topk(self.dataset.queries.ids, self.dataset.corpus.ids, scores, rows)
 
@@ -93,14 +83,17 @@ class RetrievalEvaluator:
         return evaluate_run(run, self.dataset.qrels, self.metrics)
 
     def evaluate(
-        self, encoder: DualEncoder, device: str | torch.device | None = None, progress: bool = True
+        self, model: Scorer, device: str | torch.device | None = None, progress: bool = True
     ) -> tuple[dict[str, float], Run]:
         """Encode, search and score in one process (``python -m kdir.evaluate``); returns ``(metrics, run)``."""
-        kw = dict(batch_size=self.batch_size, device=device, progress=progress)
-        q = encoder.encode_queries(self.dataset.queries.texts, **kw)
-        d = encoder.encode_docs(self.dataset.corpus.texts, **kw)
-        run = self.retrieve(q.numpy(), d.numpy())
+        kw = dict(batch_size=self.batch_size, device=device, progress=progress, out_device=self._out_device(model))
+        queries = encode_texts(model, self.dataset.queries.texts, "query", **kw)
+        docs = encode_texts(model, self.dataset.corpus.texts, "doc", **kw)
+        run = self.retrieve(queries, docs, model)
         return self.score(run), run
+
+    def _out_device(self, model: Scorer) -> str | torch.device:
+        return "cpu"  # FAISS reads host memory
 
 
 def _candidate_lists(dataset: IRDataset, run_file: str, depth: int) -> list[np.ndarray]:
@@ -148,7 +141,7 @@ class RerankEvaluator:
 
         ds, cands = self.dataset, _candidate_lists(self.dataset, self.run_file, self.depth)
         model.eval()
-        uses_keys = getattr(model, "uses_query_keys", False)  # the collective ColBERT: per-query expansions
+        uses_keys = model.uses_query_keys  # the collective ColBERT: per-query expansions
         run: Run = {}
         for s in tqdm(range(0, len(cands), self.batch_size), desc="re-rank", disable=not progress):
             rows = range(s, min(s + self.batch_size, len(cands)))
@@ -181,8 +174,7 @@ class MaxSimEvaluator(RetrievalEvaluator):
     """End-to-end ColBERT retrieval by exhaustive MaxSim over the whole corpus (fine up to ~10^5 documents).
 
     Token embeddings are kept in fp16, padded to the model's maximum lengths; each block of queries is
-    scored against every document and the top-``depth`` kept. In training, the module encodes (sharded
-    across ranks) and calls :meth:`retrieve`; standalone, :meth:`evaluate` does everything.
+    scored against every document and the top-``depth`` kept (:func:`kdir.retrieval.search.maxsim_search`).
     """
 
     def __init__(
@@ -196,71 +188,21 @@ class MaxSimEvaluator(RetrievalEvaluator):
         super().__init__(dataset, metrics, depth, batch_size=batch_size)
         self.doc_chunk = doc_chunk
 
-    @torch.no_grad()
-    def retrieve(
-        self,
-        queries: tuple[torch.Tensor, torch.Tensor],
-        docs: tuple[torch.Tensor, torch.Tensor],
-        similarity: str = "cosine",
-        device: str | torch.device | None = None,
-    ) -> Run:
+    def retrieve(self, queries: tuple[torch.Tensor, ...], docs: tuple[torch.Tensor, ...], model: Scorer) -> Run:
         """Top-``depth`` run from ``(embeddings [N, L, dim], mask [N, L])`` of the queries and the corpus."""
-        from kdir.models.colbert import maxsim
-
-        (q, q_mask), (d, d_mask) = queries, docs
-        device = device or d.device
-        d, d_mask = d.to(device), d_mask.to(device)
-        k = min(self.depth, len(d))
-        top_scores, top_rows = [], []
-        for s in range(0, len(q), self.batch_size):
-            qb, mb = q[s : s + self.batch_size].to(device).float(), q_mask[s : s + self.batch_size].to(device)
-            scores = torch.cat(
-                [
-                    maxsim(qb, mb, d[c : c + self.doc_chunk].float(), d_mask[c : c + self.doc_chunk], similarity)
-                    for c in range(0, len(d), self.doc_chunk)
-                ],
-                dim=1,
-            )
-            top = scores.topk(k, dim=1)
-            top_scores.append(top.values.cpu())
-            top_rows.append(top.indices.cpu())
-        scores, rows = torch.cat(top_scores).numpy(), torch.cat(top_rows).numpy()
+        if not model.multi_vector:
+            raise KdirError(f"MaxSim evaluation needs a multi-vector model (ColBERT), got {type(model).__name__}")
+        scores, rows = maxsim_search(
+            queries, docs, self.depth, model.config["similarity"], self.batch_size, self.doc_chunk, model.device
+        )
         return run_from_topk(self.dataset.queries.ids, self.dataset.corpus.ids, scores, rows)
 
-    @torch.no_grad()
-    def encode_side(
-        self, model, texts: Sequence[str], side: str, progress: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(fp16 embeddings [N, L, dim], bool mask [N, L])`` of ``texts``, padded to the model's maximum length."""
-        from tqdm.auto import tqdm
-
-        dev = next(model.parameters()).device
-        L = model.config[f"{side}_max_length"]
-        emb = torch.zeros(len(texts), L, model.config["dim"], dtype=torch.float16, device=dev)
-        mask = torch.zeros(len(texts), L, dtype=torch.bool, device=dev)
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        fmt = model.formatter(side)
-        for s in tqdm(range(0, len(texts), self.batch_size), desc=f"encode {side}", disable=not progress):
-            idx = order[s : s + self.batch_size]
-            e, m = model.encode({k: v.to(dev) for k, v in fmt([texts[i] for i in idx]).items()}, side)
-            emb[idx, : e.shape[1]], mask[idx, : e.shape[1]] = e.half(), m
-        return emb, mask
-
-    @torch.no_grad()
-    def evaluate(self, model, device: str | torch.device | None = None, progress: bool = True) -> tuple[dict, Run]:
-        was_training = model.training
-        model.eval()
-        try:
-            docs = self.encode_side(model, self.dataset.corpus.texts, "doc", progress)
-            queries = self.encode_side(model, self.dataset.queries.texts, "query", progress)
-        finally:
-            model.train(was_training)
-        run = self.retrieve(queries, docs, model.config["similarity"])
-        return self.score(run), run
+    def _out_device(self, model: Scorer) -> str | torch.device:
+        return model.device  # the token embeddings stay where MaxSim runs
 
 
 def evaluate_and_save(
-    evaluator, model: torch.nn.Module, out: Path, run_name: str, progress: bool = True, **extra
+    evaluator: Evaluator, model: Scorer, out: Path, run_name: str, progress: bool = True, **extra
 ) -> dict[str, float]:
     """Evaluate a teacher; write ``run.trec`` and ``metrics.json`` (+ ``extra`` fields) to ``out``; print a table."""
     start = time.perf_counter()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ir_measures
 import numpy as np
+
+from kdir.errors import ConfigError
+from kdir.utils.io import atomic_write
 
 if TYPE_CHECKING:
     from kdir.data.dataset import IRDataset
@@ -23,7 +25,7 @@ def parse_measures(names: Iterable[str]) -> list:
         try:
             out.append(ir_measures.parse_measure(str(name)))
         except Exception as e:  # ir-measures raises several types on bad input
-            raise ValueError(f"unknown ir-measures measure {name!r}: {e}") from None
+            raise ConfigError(f"unknown ir-measures measure {name!r}: {e}") from None
     return out
 
 
@@ -46,13 +48,10 @@ def evaluate_run(run: Run, qrels: Mapping[str, Mapping[str, int]], measures: Ite
 def write_trec_run(run: Run, path: str | Path, tag: str = "kdir") -> Path:
     """Write ``qid Q0 pid rank score tag`` lines, ranks from 1 by descending score (atomic)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
+    with atomic_write(path) as f:
         for qid, docs in run.items():
             for rank, (pid, score) in enumerate(sorted(docs.items(), key=lambda x: -x[1]), start=1):
                 f.write(f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n")
-    os.replace(tmp, path)
     return path
 
 

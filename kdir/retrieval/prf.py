@@ -33,8 +33,10 @@ from kdir.data.dataset import IRDataset, TextStore
 from kdir.data.formats import top_ranked
 from kdir.errors import KdirError
 from kdir.models.base import to_device
-from kdir.models.colbert import ColBERT, maxsim
+from kdir.models.colbert import ColBERT
+from kdir.retrieval.encode import encode_texts
 from kdir.retrieval.metrics import Run
+from kdir.retrieval.search import maxsim_search
 
 log = logging.getLogger(__name__)
 
@@ -143,23 +145,16 @@ def teacher_ranking(
     The corpus embeddings move to the model's device once (fp16) and are scored in chunks of ``doc_chunk``.
     """
     model.eval()
-    k, dev, similarity = min(depth, len(corpus)), model.device, model.config["similarity"]
-    d_emb, d_mask = corpus.embeddings.to(dev), corpus.mask.to(dev)
-    scores_out = np.zeros((len(queries), k), dtype=np.float32)
-    rows_out = np.zeros((len(queries), k), dtype=np.int64)
-    for s in tqdm(range(0, len(queries), batch_size), desc="teacher ranking", disable=not progress):
-        q, q_mask = model.encode(to_device(model.tokenize(list(queries[s : s + batch_size]), "query"), dev), "query")
-        chunks = range(0, len(corpus), doc_chunk)
-        scores = torch.cat(
-            [
-                maxsim(q.float(), q_mask, d_emb[c : c + doc_chunk].float(), d_mask[c : c + doc_chunk], similarity)
-                for c in chunks
-            ],
-            dim=1,
-        )
-        top, rows = scores.topk(k, dim=1)
-        scores_out[s : s + len(rows)], rows_out[s : s + len(rows)] = top.cpu().numpy(), rows.cpu().numpy()
-    return scores_out, rows_out
+    queries_enc = encode_texts(model, list(queries), "query", batch_size, progress=progress, out_device=model.device)
+    return maxsim_search(
+        queries_enc,
+        (corpus.embeddings, corpus.mask),
+        depth,
+        model.config["similarity"],
+        batch_size,
+        doc_chunk,
+        model.device,
+    )
 
 
 def ranked_feedback(

@@ -4,7 +4,8 @@ Each training query keeps ``k`` expansion vectors (k-means centroids of its feed
 embeddings, not renormalised), their weights ``β·idf`` and the token each centroid stands for. Queries are keyed
 by the xxh64 hash of their id (:func:`kdir.stores.keys.id_hashes`), so a store serves any dataset with those ids.
 
-Layout (written to a temporary folder, then renamed into place, so a store is visible complete or not at all)::
+Layout (written to a temporary folder, :func:`kdir.utils.io.temp_path`, then renamed into place, so a store is
+visible complete or not at all)::
 
     <store>/meta.json      format, key scheme, provenance (teacher, settings), n_queries, k, dim
     <store>/keys.npy       uint64 [Q] query-id hashes, sorted, unique
@@ -25,11 +26,11 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import numpy as np
 
-from kdir.errors import DataFormatError, KdirError
+from kdir.errors import DataFormatError, KdirError, MissingFileError, OutputExistsError
+from kdir.utils.io import save_json, save_npy, temp_path
 
 FORMAT = "kdir-expansion-store/1"
 KEY_SCHEME = "xxh64-id/1"  # kdir.stores.keys.id_hashes
@@ -56,22 +57,15 @@ def _check_arrays(keys: np.ndarray, vectors: np.ndarray, weights: np.ndarray, to
         raise KdirError("expansion keys must be unique (one entry per query id)")
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def check_writable(path: str | Path, overwrite: bool) -> None:
     """Raise :class:`FileExistsError` unless a store may be written at ``path`` (absent, empty, or ``overwrite``)."""
     path = Path(path)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return
     if not (path / _META).is_file():
-        raise FileExistsError(f"{path}: exists and is not an expansion store")
+        raise OutputExistsError(f"{path}: exists and is not an expansion store")
     if not overwrite:
-        raise FileExistsError(f"{path}: an expansion store exists (pass overwrite=True to replace it)")
+        raise OutputExistsError(f"{path}: an expansion store exists (pass overwrite=True to replace it)")
 
 
 def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
@@ -80,7 +74,7 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
         os.replace(tmp, path)  # an empty folder is simply taken
     elif path.exists():
         check_writable(path, overwrite)
-        old = path.parent / f".{path.name}.old-{uuid4().hex[:8]}"
+        old = temp_path(path)
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
@@ -95,7 +89,7 @@ class ExpansionStore:
         self.path = Path(path)
         meta_file = self.path / _META
         if not meta_file.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{self.path}: not a kdir expansion store (no {_META}); build one with `python -m kdir.expand`"
             )
         self.meta: dict[str, Any] = json.loads(meta_file.read_text(encoding="utf-8"))
@@ -162,14 +156,14 @@ class ExpansionStore:
         full |= {"n_queries": len(keys), "k": vectors.shape[1], "dim": vectors.shape[2]}
         full |= {"created": created, "kdir_version": __version__}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid4().hex[:8]}"
+        tmp = temp_path(path)
         tmp.mkdir()
         try:
-            _save_npy(tmp / _KEYS, np.ascontiguousarray(keys[order]))
-            _save_npy(tmp / _VECTORS, np.ascontiguousarray(vectors[order]))
-            _save_npy(tmp / _WEIGHTS, np.ascontiguousarray(weights[order]))
-            (tmp / _TOKENS).write_text(json.dumps([list(tokens[i]) for i in order]), encoding="utf-8")
-            (tmp / _META).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")  # last: marks it complete
+            save_npy(np.ascontiguousarray(keys[order]), tmp / _KEYS)
+            save_npy(np.ascontiguousarray(vectors[order]), tmp / _VECTORS)
+            save_npy(np.ascontiguousarray(weights[order]), tmp / _WEIGHTS)
+            save_json([list(tokens[i]) for i in order], tmp / _TOKENS, indent=None)
+            save_json(full, tmp / _META)  # last: marks it complete
             _publish(tmp, path, overwrite)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

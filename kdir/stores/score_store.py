@@ -26,7 +26,6 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -36,8 +35,9 @@ from uuid import uuid4
 import numpy as np
 
 from kdir.data.formats import read_margin_scores, read_pair_scores
-from kdir.errors import DataFormatError, UnknownIdError
+from kdir.errors import ConfigError, DataFormatError, MissingFileError, OutputExistsError, UnknownIdError
 from kdir.stores.keys import KEY_SCHEME, pair_keys_from_ids
+from kdir.utils.io import atomic_write, stage_file
 
 FORMAT = "kdir-score-store/1"
 _META = "meta.json"
@@ -94,37 +94,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.parent / f".{path.name}.{os.getpid()}-{uuid4().hex[:8]}.tmp"
-
-
-@contextmanager
-def _atomic_file(path: Path, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file next to ``path``; on success it replaces ``path``, on error it is removed."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_tmp_npy(path: Path, arr: np.ndarray) -> Path:
-    """Write ``arr`` to a temporary file next to ``path`` and return the temporary path."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
+def _stage_npy(path: Path, arr: np.ndarray) -> Path:
+    """Write ``arr`` to a temporary file next to ``path`` (fsynced, not yet published); returns its name."""
+    return stage_file(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
 def _as_keys(keys: Any) -> np.ndarray:
@@ -176,7 +148,7 @@ class ScoreStore:
         self.path = Path(path)
         meta_path = self.path / _META
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{self.path}: not a kdir score store (no {_META})")
+            raise MissingFileError(f"{self.path}: not a kdir score store (no {_META})")
         meta = self.meta
         for field, expected in (("format", FORMAT), ("key", KEY_SCHEME)):
             if meta.get(field) != expected:
@@ -208,13 +180,13 @@ class ScoreStore:
             current = store.meta
             differ = {k: current.get(k) for k in given if current.get(k) != given[k]}
             if differ and not exist_ok:
-                raise FileExistsError(
+                raise OutputExistsError(
                     f"{path}: a score store with different {', '.join(differ)} already exists "
                     f"(stored: {differ}); pass exist_ok=True to open it anyway"
                 )
             return store
         if path.exists() and not (path.is_dir() and {p.name for p in path.iterdir()} <= {_SEGMENTS}):
-            raise FileExistsError(f"{path}: exists and is not a kdir score store")
+            raise OutputExistsError(f"{path}: exists and is not a kdir score store")
         (path / _SEGMENTS).mkdir(parents=True, exist_ok=True)
         from kdir import __version__
 
@@ -242,7 +214,7 @@ class ScoreStore:
 
     @staticmethod
     def _write_meta(path: Path, meta: dict[str, Any]) -> None:
-        with _atomic_file(path / _META) as f:
+        with atomic_write(path / _META) as f:
             f.write(json.dumps(meta, indent=2) + "\n")
 
     def _update_count(self) -> None:
@@ -293,12 +265,12 @@ class ScoreStore:
     def _publish(self, tag: str, keys: np.ndarray, values: np.ndarray, names: list[str] | None = None) -> Path:
         """Write a segment of sorted unique keys under the next number; returns its keys file."""
         probe = self._stem(0, tag)
-        tmp_values, tmp_keys = _write_tmp_npy(probe, values), _write_tmp_npy(probe, keys)
-        tmp_names = None
+        tmp_values = _stage_npy(probe, values)
+        tmp_keys = tmp_names = None
         try:
+            tmp_keys = _stage_npy(probe, keys)
             if names:
-                tmp_names = _tmp_name(probe)
-                tmp_names.write_text(json.dumps(names), encoding="utf-8")
+                tmp_names = stage_file(probe, lambda f: f.write(json.dumps(names)), mode="w")
             taken = [int(m[1]) for name in os.listdir(self._dir) if (m := _ANY_FILE.match(name))]
             stem = self._stem(max(taken, default=0) + 1, tag)
             if tmp_names is not None:
@@ -458,7 +430,7 @@ class ScoreStore:
                 for row in ((qid, pos, ps), (qid, neg, ns))
             )
         else:
-            raise ValueError(f"unknown score format {format!r}: expected 'pairs' or 'margin_scores'")
+            raise ConfigError(f"unknown score format {format!r}: expected 'pairs' or 'margin_scores'")
         return self._import_rows(rows, chunk_size)
 
     def import_jsonl(self, path: str | Path, chunk_size: int = 2_000_000) -> int:
@@ -477,7 +449,7 @@ class ScoreStore:
                         raise DataFormatError(path, lineno, expected, got=line.strip()) from None
 
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+            raise MissingFileError(f"{path}: no such file")
         return self._import_rows(rows(), chunk_size)
 
     def _scores(self, qids: tuple[str, ...], pids: tuple[str, ...], dest: str | Path) -> np.ndarray:
@@ -496,7 +468,7 @@ class ScoreStore:
         Raises :class:`~kdir.errors.UnknownIdError` naming the first pair that is not stored.
         """
         n = 0
-        with _atomic_file(Path(path)) as f:
+        with atomic_write(path) as f:
             for chunk in _batched(pairs, chunk_size):
                 qids, pids = zip(*chunk)
                 scores = _score_text(self._scores(qids, pids, path))
@@ -514,7 +486,7 @@ class ScoreStore:
         Returns the number of lines; raises :class:`~kdir.errors.UnknownIdError` on a pair that is not stored.
         """
         n = 0
-        with _atomic_file(Path(path)) as f:
+        with atomic_write(path) as f:
             for chunk in _batched(triples, chunk_size):
                 qids, pos, neg = zip(*chunk)
                 ps = _score_text(self._scores(qids, pos, path))

@@ -43,7 +43,7 @@ def candidate_pairs(dataset: IRDataset, examples=None, run_file: str | None = No
     else:
         raise KdirError(
             "cannot enumerate the pairs to score: the training negatives are random. Score a run file "
-            "(run_file=...), use fixed triples, or let training fill the store (teacher.mode=fill)"
+            "(run_file=...), use fixed triples, or let training fill the store (signal=fill)"
         )
     keys = np.unique(np.concatenate(keys))
     return np.stack([keys // n_docs, keys % n_docs], axis=1)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from kdir.utils import save_json
+from kdir.utils.io import save_json
 
 log = logging.getLogger(__name__)
 

@@ -7,22 +7,24 @@ metrics are logged as ``val/nDCG@10`` etc.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from kdir.data.batch import TrainBatch
+from kdir.data.datamodule import DistillDataModule
+from kdir.errors import ConfigError
 from kdir.losses.base import Candidates, Loss
-from kdir.models.dual_encoder import DualEncoder
+from kdir.models.base import Scorer
 from kdir.retrieval.evaluators import RetrievalEvaluator
 from kdir.retrieval.metrics import write_trec_run
 from kdir.training.signal import TeacherSignal
+from kdir.utils.io import save_json
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,9 @@ class DistillModule(pl.LightningModule):
             optimised with the student's).
         optimizer: partial optimizer (``torch.optim.AdamW`` with lr etc.); bias/LayerNorm get no weight decay.
         warmup: linear warm-up steps (``>= 1``) or fraction of all steps (``< 1``), then linear decay to 0.
-        val / test: evaluators for end-to-end retrieval at validation / test time.
+        val / test: evaluators for end-to-end retrieval at validation / test time. The module encodes the batches
+            of the datamodule's evaluation loaders (queries, corpus) with ``encode_step``, gathers them over
+            ranks, then ``retrieve`` s and ``score`` s the run.
         output_dir: where test run files and metrics go.
         signal: the teacher signal (``None`` for hard-label losses). Its teacher model is frozen, moved to
             this module's device, and kept out of the checkpoint and the optimizer.
@@ -50,7 +54,7 @@ class DistillModule(pl.LightningModule):
 
     def __init__(
         self,
-        student: DualEncoder,
+        student: Scorer,
         loss: Loss,
         optimizer: Callable[..., torch.optim.Optimizer],
         warmup: float = 0.1,
@@ -63,9 +67,9 @@ class DistillModule(pl.LightningModule):
     ):
         super().__init__()
         if schedule not in ("linear", "constant"):
-            raise ValueError(f"schedule must be linear or constant, got {schedule!r}")
+            raise ConfigError(f"schedule must be linear or constant, got {schedule!r}")
         if gather_across_devices and loss.layout != "inbatch":
-            raise ValueError("gather_across_devices needs the inbatch layout")
+            raise ConfigError("gather_across_devices needs the inbatch layout")
         self.student, self.loss, self.optimizer_factory, self.warmup = student, loss, optimizer, warmup
         self.signal = signal  # a plain attribute, not a submodule: no teacher weights in checkpoints
         self.evaluators = {"val": val, "test": test}
@@ -74,32 +78,32 @@ class DistillModule(pl.LightningModule):
         self._encoded: dict[str, list[tuple]] = {"query": [], "doc": []}
 
     # ------------------------------------------------------------------ training
-    def candidates(self, batch: dict) -> Candidates:
+    def candidates(self, batch: TrainBatch) -> Candidates:
         """Student scores (and teacher scores, embeddings) ``[B, C]`` in the batch's candidate layout."""
-        positive, false_negative = batch["positive"], batch["false_negative"]
+        positive, false_negative = batch.positive, batch.false_negative
         embeddings: dict[str, tuple[Tensor, Tensor]] = {}
         if self.gather_across_devices and self.trainer.world_size > 1:
             student, teacher, positive, false_negative = self._gathered_scores(batch)
         elif self.loss.uses_embeddings:
-            student, s_q, s_d = self.student.outputs(batch["inputs"], positive)
+            student, s_q, s_d = self.student.outputs(batch.inputs, positive)
             teacher, t_q, t_d = self.signal.outputs(batch, positive)
             embeddings = {"query": (s_q, t_q), "doc": (s_d, t_d)}
         else:
-            student = self.student(batch["inputs"])
+            student = self.student(batch.inputs)
             teacher = self.signal.scores(batch) if self.signal is not None else None
         student = student.float()
         mask = torch.ones_like(student, dtype=torch.bool) if teacher is None else ~torch.isnan(teacher)
         return Candidates(
-            student, teacher, positive, mask, false_negative, self.loss.layout, batch.get("generated"), embeddings
+            student, teacher, positive, mask, false_negative, self.loss.layout, batch.generated, embeddings
         )
 
-    def _gathered_scores(self, batch: dict) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    def _gathered_scores(self, batch: TrainBatch) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """Scores against the in-batch documents of every rank (positives first over all ranks)."""
         from kdir.training.distributed import gather_inbatch
 
-        if self.loss.uses_embeddings or not hasattr(self.student, "embed"):
-            raise ValueError("gather_across_devices needs a single-vector student and no embedding-matching loss")
-        inputs, positive = batch["inputs"], batch["positive"]
+        if self.loss.uses_embeddings or not self.student.embeds:
+            raise ConfigError("gather_across_devices needs a single-vector student and no embedding-matching loss")
+        inputs, positive = batch.inputs, batch.positive
         n_pos = int((positive >= 0).sum())
         order = inputs["candidates"][0]  # inbatch: every row lists all documents of the batch, positives first
         q, d = self.student.embed(inputs)
@@ -109,7 +113,7 @@ class DistillModule(pl.LightningModule):
         origin, _ = gather_inbatch(torch.cat([rank, local_col], 1), n_pos)  # (rank, local column) per global column
         mine = origin[:, 0] == self.global_rank
         false_negative = torch.zeros(len(q), len(docs), dtype=torch.bool, device=q.device)
-        false_negative[:, mine] = batch["false_negative"][:, origin[mine, 1].long()]
+        false_negative[:, mine] = batch.false_negative[:, origin[mine, 1].long()]
         teacher = None
         if self.signal is not None:
             t_q, t_d = self.signal.embed(batch)
@@ -118,7 +122,7 @@ class DistillModule(pl.LightningModule):
         positive = torch.where(positive >= 0, positive + offset, positive)
         return q @ docs.T, teacher, positive, false_negative
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         c = self.candidates(batch)
         terms = self.loss.terms(c)
         loss = sum(terms.values())
@@ -144,8 +148,8 @@ class DistillModule(pl.LightningModule):
         self._set_epoch()
 
     def _set_epoch(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "set_epoch"):
+        dm = self.trainer.datamodule
+        if isinstance(dm, DistillDataModule):
             dm.set_epoch(self.current_epoch)
 
     def configure_optimizers(self):
@@ -165,14 +169,8 @@ class DistillModule(pl.LightningModule):
     # ---------------------------------------------------------------- evaluation
     def _encode_step(self, batch: dict, dataloader_idx: int) -> None:
         side = "query" if dataloader_idx == 0 else "doc"
-        out = self.student.encode(batch["tokens"], side)
-        if isinstance(out, tuple):  # multi-vector: fp16 token embeddings padded to the side's maximum length
-            emb, mask = out
-            pad = self.student.config[f"{side}_max_length"] - emb.shape[1]
-            out = (F.pad(emb.half(), (0, 0, 0, pad)), F.pad(mask, (0, pad)))
-        else:
-            out = (out.float(),)
-        self._encoded[side].append((batch["rows"], *out))
+        evaluator = self.evaluators["test" if self.trainer.testing else "val"]
+        self._encoded[side].append((batch["rows"], *evaluator.encode_step(self.student, batch["tokens"], side)))
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._encode_step(batch, dataloader_idx)
@@ -201,15 +199,12 @@ class DistillModule(pl.LightningModule):
                 return
             ds = evaluator.dataset
             q, d = self._gathered("query", len(ds.queries)), self._gathered("doc", len(ds.corpus))
-            if len(q) == 2:
-                run = evaluator.retrieve(q, d, self.student.config["similarity"], self.device)
-            else:
-                run = evaluator.retrieve(q[0].cpu().numpy(), d[0].cpu().numpy())
+            run = evaluator.retrieve(q, d, self.student)
             metrics = evaluator.score(run)
             self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=stage == "val")
             if stage == "test" and self.output_dir is not None and self.trainer.is_global_zero:
                 write_trec_run(run, self.output_dir / "runs" / "test.trec", tag="kdir")
-                (self.output_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+                save_json(metrics, self.output_dir / "test_metrics.json")
         finally:
             self._encoded = {"query": [], "doc": []}
 

@@ -17,20 +17,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdir.errors import KdirError
+from kdir.data.batch import TeacherFill, TrainBatch
+from kdir.errors import ConfigError, KdirError, MissingFileError
 from kdir.stores import ScoreStore, id_hashes, pair_keys
 
 if TYPE_CHECKING:
     from kdir.data.dataset import IRDataset
-    from kdir.models.base import Teacher
+    from kdir.models.base import Scorer
 
 log = logging.getLogger(__name__)
 Mode = Literal["cached", "online", "fill"]
 
 
-def teacher_meta(model: Teacher) -> dict:
-    """Provenance of a teacher model: its class, settings and weights hash."""
-    return {"name": type(model).__name__, "config": getattr(model, "config", {}), "weights": model.weights_hash()}
+def teacher_meta(model: Scorer) -> dict:
+    """Provenance of a teacher model: its class, settings and weights hash (:meth:`Scorer.provenance`)."""
+    return model.provenance()
 
 
 def force_positive_max(scores: Tensor, positive: Tensor) -> Tensor:
@@ -63,7 +64,7 @@ class TeacherSignal:
         self,
         mode: Mode = "cached",
         store: str | Path | None = None,
-        model: Teacher | None = None,
+        model: Scorer | None = None,
         import_file: str | Path | None = None,
         import_format: str = "pairs",
         force: bool = False,
@@ -71,11 +72,13 @@ class TeacherSignal:
         force_positive_max: bool = False,
     ):
         if mode not in ("cached", "online", "fill"):
-            raise ValueError(f"teacher signal mode must be cached, online or fill; got {mode!r}")
+            raise ConfigError(f"teacher signal mode must be cached, online or fill; got {mode!r}")
         if mode in ("cached", "fill") and store is None:
-            raise ValueError(f"teacher signal mode {mode!r} needs a score store path (teacher.store=...)")
+            raise ConfigError(f"teacher signal mode {mode!r} needs a score store path (signal.store=...)")
         if mode in ("online", "fill") and model is None:
-            raise ValueError(f"teacher signal mode {mode!r} needs a teacher model (teacher.model=...)")
+            raise ConfigError(
+                f"teacher signal mode {mode!r} needs a teacher model (e.g. teacher=colbert teacher.path=...)"
+            )
         self.mode, self.model, self.force, self.flush_every = mode, model, force, flush_every
         self.force_positive_max = force_positive_max
         self.store_path = Path(store) if store is not None else None
@@ -83,6 +86,12 @@ class TeacherSignal:
         self.store: ScoreStore | None = None
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._n_pending = 0
+        self._prepare = model.preparer() if model is not None else None
+        self._query_keys = model is not None and model.uses_query_keys
+
+    def __getstate__(self) -> dict:
+        """Dataloader workers get the tokenisation and the store, not the teacher's weights."""
+        return self.__dict__ | {"model": None}
 
     def bind(self, dataset: IRDataset) -> TeacherSignal:
         """Hash the dataset's ids and open (or create / import) the store, checking its provenance."""
@@ -108,9 +117,9 @@ class TeacherSignal:
             elif self.mode == "fill":
                 self.store = ScoreStore.create(self.store_path, {"teacher": teacher_meta(self.model), "data": {}})
             else:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{self.store_path}: no score store (score it with `python -m kdir.score`, "
-                    "or set teacher.import_file / teacher.signal=fill)"
+                    "or set signal.import_file=..., or signal=fill)"
                 )
         else:
             self.store = ScoreStore.open(self.store_path)
@@ -127,7 +136,7 @@ class TeacherSignal:
                 f"but the configured teacher {type(self.model).__name__} has weights {self.model.weights_hash()}"
             )
             if not self.force:
-                raise KdirError(msg + "; set teacher.force=true to use it anyway")
+                raise KdirError(msg + "; set signal.force=true to use it anyway")
             log.warning("%s (forced)", msg)
 
     # ---------------------------------------------------------------- collate (dataloader workers)
@@ -147,17 +156,15 @@ class TeacherSignal:
         """
         if self.mode == "online":
             kw = {}
-            if getattr(self.model, "uses_query_keys", False):  # e.g. the collective teacher's expansions
+            if self._query_keys:  # e.g. the collective teacher's expansions
                 kw["query_keys"] = np.concatenate([self.q_hash[queries], np.zeros(n_generated, dtype=np.uint64)])
-            return {"teacher_inputs": self.model.prepare(query_texts, doc_texts, candidates, **kw)}
+            return {"teacher_inputs": self._prepare(query_texts, doc_texts, candidates, **kw)}
         if n_generated:
-            raise KdirError(
-                "generated queries have no cached teacher scores: use an online teacher (teacher.mode=online)"
-            )
+            raise KdirError("generated queries have no cached teacher scores: use an online teacher (signal=online)")
         keys = pair_keys(self.q_hash[queries][:, None], self.d_hash[docs][candidates])  # [B, C]
         scores = self.store.lookup(keys)
         missing = np.isnan(scores)
-        out = {"teacher": torch.from_numpy(scores)}
+        out = {"teacher_scores": torch.from_numpy(scores)}
         if not missing.any():
             return out
         rows, cols = np.nonzero(missing)
@@ -167,60 +174,57 @@ class TeacherSignal:
                     f"{int(missing.sum())} of {missing.size} candidate pairs of a batch are not in "
                     f"{self.store_path} (e.g. query row {rows[0]}, document "
                     f"{doc_texts[candidates[rows[0], cols[0]]][:60]!r}); "
-                    "use teacher.mode=fill to compute them, or teacher.force=true to mask them"
+                    "use signal=fill to compute them, or signal.force=true to mask them"
                 )
             return out
-        inputs = self.model.prepare([query_texts[r] for r in rows], doc_texts, candidates[rows, cols][:, None])
-        out["teacher_fill"] = {
-            "inputs": inputs,
-            "rows": torch.from_numpy(rows),
-            "cols": torch.from_numpy(cols),
-            "keys": torch.from_numpy(keys[rows, cols].view(np.int64)),
-        }
+        inputs = self._prepare([query_texts[r] for r in rows], doc_texts, candidates[rows, cols][:, None])
+        out["teacher_fill"] = TeacherFill(
+            inputs, torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(keys[rows, cols].view(np.int64))
+        )
         return out
 
     # ---------------------------------------------------------------- training step
     @torch.no_grad()
-    def scores(self, batch: dict) -> Tensor:
+    def scores(self, batch: TrainBatch) -> Tensor:
         """``[B, C]`` fp32 teacher scores for a collated batch (runs the teacher for online / fill)."""
         return self._labels(self._raw_scores(batch), batch)
 
     @torch.no_grad()
-    def outputs(self, batch: dict, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def outputs(self, batch: TrainBatch, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Teacher scores ``[B, C]``, query embeddings ``[B, d]`` and own-positive document embeddings ``[B, d]``."""
-        if self.mode != "online" or not hasattr(self.model, "outputs"):
+        if self.mode != "online" or not self.model.embeds:
             raise KdirError(
                 f"embedding matching needs an online teacher that embeds (a bi-encoder, or a "
                 f"cross-encoder with dual_pooling), got {type(self.model).__name__} in mode {self.mode!r}"
             )
-        scores, q, d = self.model.outputs(batch["teacher_inputs"], positive)
+        scores, q, d = self.model.outputs(batch.teacher_inputs, positive)
         return self._labels(scores.float(), batch), q, d
 
     @torch.no_grad()
-    def embed(self, batch: dict) -> tuple[Tensor, Tensor]:
+    def embed(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
         """Teacher embeddings of the batch's queries ``[B, d]`` and distinct documents ``[D, d]`` (bi-encoders)."""
-        if self.mode != "online" or not hasattr(self.model, "embed"):
+        if self.mode != "online" or not self.model.embeds:
             raise KdirError(
                 f"gathering candidates across devices needs an online bi-encoder teacher, got "
                 f"{type(self.model).__name__} in mode {self.mode!r}"
             )
-        return self.model.embed(batch["teacher_inputs"])
+        return self.model.embed(batch.teacher_inputs)
 
-    def _labels(self, scores: Tensor, batch: dict) -> Tensor:
+    def _labels(self, scores: Tensor, batch: TrainBatch) -> Tensor:
         if not self.force_positive_max:
             return scores
-        return force_positive_max(scores, batch["positive"].to(scores.device))
+        return force_positive_max(scores, batch.positive.to(scores.device))
 
-    def _raw_scores(self, batch: dict) -> Tensor:
+    def _raw_scores(self, batch: TrainBatch) -> Tensor:
         if self.mode == "online":
-            return self.model(batch["teacher_inputs"]).float()
-        scores = batch["teacher"].float()
-        fill = batch.get("teacher_fill")
+            return self.model(batch.teacher_inputs).float()
+        scores = batch.teacher_scores.float()
+        fill = batch.teacher_fill
         if fill is not None:
-            new = self.model(fill["inputs"]).float()[:, 0]
+            new = self.model(fill.inputs).float()[:, 0]
             scores = scores.clone()
-            scores[fill["rows"], fill["cols"]] = new
-            self._pending.append((fill["keys"].cpu().numpy().view(np.uint64), new.cpu().numpy()))
+            scores[fill.rows, fill.cols] = new
+            self._pending.append((fill.keys.cpu().numpy().view(np.uint64), new.cpu().numpy()))
             self._n_pending += len(new)
             if self._n_pending >= self.flush_every:
                 self.flush()

@@ -1,12 +1,10 @@
-"""Small helpers shared by the entry points: config resolvers, instantiation, output, tables."""
+"""Config helpers shared by the commands: resolvers, instantiation, devices."""
 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,41 +66,26 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return out
 
 
-def save_json(obj: Mapping, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-    return path
-
-
-def print_metrics(columns: Mapping[str, Mapping[str, float]], title: str) -> None:
-    """Print a metrics table: one column per named result, one row per measure."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("measure")
-    for name in columns:
-        table.add_column(name, justify="right")
-    measures = list(dict.fromkeys(m for col in columns.values() for m in col))
-    for m in measures:
-        table.add_row(m, *(f"{col[m]:.4f}" if m in col else "-" for col in columns.values()))
-    Console(width=120).print(table)
-
-
 def instantiate_model(node: DictConfig, what: str = "student") -> Any:
-    """Instantiate a model node; a folder or hub name that cannot be loaded is a :class:`KdirError` naming it."""
+    """Instantiate a model node; a folder or hub name that cannot be loaded is a :class:`KdirError` naming it.
+
+    A missing local folder is a :class:`~kdir.errors.MissingFileError`; a loader's ``OSError`` / ``ValueError``
+    (no such hub model, not a model folder) a :class:`~kdir.errors.ConfigError`. Anything else propagates as it
+    is: a :class:`KdirError` from the constructor (still wrapped by Hydra, so the task wrapper names the node),
+    or a bug.
+    """
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    from kdir.errors import KdirError
+    from kdir.errors import ConfigError, KdirError, MissingFileError
 
     path = str(node.get("path") or node.get("model_name_or_path"))
     if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
-        raise KdirError(f"{path}: no such {what} folder (expected an exported kdir model or an HF encoder)")
+        raise MissingFileError(f"{path}: no such {what} folder (expected an exported kdir model or an HF encoder)")
     try:
         return instantiate(node)
-    except Exception as e:  # Hydra wraps the loader's OSError / ValueError in an InstantiationException
-        cause = e.__cause__ or e
-        raise KdirError(f"cannot load the {what} from {path}: {type(cause).__name__}: {cause}") from None
+    except InstantiationException as e:  # Hydra wraps what the constructor raised
+        cause = e.__cause__
+        if isinstance(cause, (OSError, ValueError)) and not isinstance(cause, KdirError):
+            raise ConfigError(f"cannot load the {what} from {path}: {type(cause).__name__}: {cause}") from None
+        raise  # a KdirError stays wrapped: the task wrapper names the config node it came from
