@@ -57,3 +57,15 @@ class UnknownIdError(KdirError):
 
 class EmptySplitError(KdirError):
     """A split, a file or a selection holds no usable rows."""
+
+
+class NonFiniteError(KdirError):
+    """A teacher score or the training loss is not a finite number: training stops before using it."""
+
+
+class NonFiniteScoreError(NonFiniteError, ValueError):
+    """A score given to a store is NaN, infinite or beyond float32's range (stores hold finite float32 scores)."""
+
+
+class DamagedStoreError(KdirError):
+    """A file of a store does not match what was recorded when it was written (truncated, or bytes changed)."""

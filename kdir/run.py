@@ -2,6 +2,10 @@
 
 Seed → student, loss, teacher signal, data, evaluators → Lightning trainer → fit → test the best
 checkpoint → export the student (HF format) → metrics table, before vs after training.
+
+``resume=true`` continues a killed run in its folder (``hydra.run.dir=<folder>``) from ``checkpoints/last.ckpt``;
+``ckpt_path=<file>`` continues from any checkpoint. Either restores the weights, optimizer, schedule, loops, the
+training stream's position and every random generator, so the run ends as it would have without the interruption.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.utilities import rank_zero_only
 
 import kdir  # noqa: F401  (registers config resolvers)
-from kdir.errors import KdirError
+from kdir.errors import KdirError, MissingFileError
 from kdir.training.module import DistillModule
+from kdir.training.resume import checkpoint_step, keep_logged_rows
 from kdir.utils import instantiate_group, print_metrics, save_json, task_wrapper
+from kdir.utils.rundir import checkpoint_file
 
 log = logging.getLogger("kdir.run")
 
@@ -66,6 +73,11 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
             cfg.callbacks.model_checkpoint.monitor = None  # no validation: keep the last checkpoint
     callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    ckpt_path = _resume_from(cfg, out)
+    if ckpt_path is not None and rank_zero_only.rank == 0:  # (DDP ranks are set up by fit: read from the env)
+        step = checkpoint_step(ckpt_path)
+        kept = sum(keep_logged_rows(lg, step) for lg in loggers)
+        log.info("resuming from %s (global step %d; %d logged rows kept)", ckpt_path, step, kept)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -74,8 +86,8 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         log.info("evaluating the untrained student on %s", test.dataset.name)
         results["untrained"], _ = test.evaluate(student, device=module.device, progress=False)
 
-    trainer.fit(module, datamodule=datamodule)
-    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.best_model_path), None)
     if trainer.fast_dev_run:
         best = None
     if test is not None:
@@ -92,7 +104,34 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
             student.save_pretrained(out / "student")
             log.info("student exported to %s (AutoModel.from_pretrained works on it)", out / "student")
         _report(results, test, out, best)
+    _leave_process_group()
     return results
+
+
+def _leave_process_group() -> None:
+    """Under DDP: wait for every rank (rank 0 writes the report), then tear the process group down together."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _resume_from(cfg: DictConfig, out: Path) -> str | None:
+    """The checkpoint to continue from: ``ckpt_path``, or with ``resume=true`` the run folder's ``last.ckpt``."""
+    if cfg.get("ckpt_path"):
+        return str(checkpoint_file(cfg.ckpt_path))
+    if not cfg.get("resume"):
+        return None
+    folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None) or out / "checkpoints"
+    last = Path(folder) / "last.ckpt"
+    if not last.is_file():
+        shown = last.relative_to(out) if last.is_relative_to(out) else last
+        raise MissingFileError(
+            f"resume=true: nothing to resume in {out}: no {shown} (the run stopped before its first checkpoint); "
+            "start it again in a new folder, or give a checkpoint file with ckpt_path=..."
+        )
+    return str(last)
 
 
 def _report(results: dict, test, out: Path, best: str | None) -> None:

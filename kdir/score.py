@@ -1,10 +1,13 @@
 """Score (query, document) pairs with a teacher once, into a score store: ``python -m kdir.score``.
 
 The pairs are the training candidates (positives + the run-file pool of ``data.examples``, or fixed
-triples) or the top-``depth`` candidates of any run file (``run_file=...``). They are sorted, cut into
-fixed chunks, and chunk ``k`` is scored by rank ``k mod world_size`` and written atomically as segment
-``chunk-<k>``. A killed job restarted with the same arguments skips the finished chunks; any number of
-processes gives the same store. Processes are launched by Lightning Fabric (``devices=N``).
+triples) or the top-``depth`` candidates of any run file (``run_file=...``). They are sorted and cut into
+fixed chunks; chunk ``k`` is scored by rank ``k mod world_size``, which scores only the pairs the store lacks
+(:mod:`kdir.stores.scoring`). A killed job restarted with the same arguments resumes where it stopped; a run
+over another pair set adds just the new pairs; any number of processes gives the same store. The job ends
+with every requested pair in the store (else an error) and, with ``verify=true``, every segment re-hashed
+against its checksums. A store of another teacher, or of the same weights with other scoring settings, is
+refused. Processes are launched by Lightning Fabric (``devices=N``).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from omegaconf import DictConfig
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import KdirError
-from kdir.stores import ScoreStore
-from kdir.stores.scoring import candidate_pairs, score_into_store
+from kdir.stores import ScoreStore, sibling_store, teacher_differences
+from kdir.stores.scoring import candidate_pairs, missing_pairs, score_into_store
 from kdir.training.signal import teacher_meta
 from kdir.utils import Setting, task_wrapper
 
@@ -40,22 +43,19 @@ def score(cfg: DictConfig) -> Path:
     dataset = instantiate(cfg.data.train)
     examples = instantiate(cfg.data.examples) if cfg.run_file is None else None
     pairs = candidate_pairs(dataset, examples, cfg.run_file, cfg.depth)
-    meta = {
-        "teacher": teacher_meta(model),
-        "data": {
-            "dataset": dataset.name,
-            "pairs": len(pairs),
-            "source": cfg.run_file or "training examples",
-            "depth": cfg.depth if cfg.run_file else None,
-        },
+    teacher = teacher_meta(model)
+    data = {
+        "dataset": dataset.name,
+        "pairs": len(pairs),
+        "source": cfg.run_file or "training examples",
+        "depth": cfg.depth if cfg.run_file else None,
     }
     path = Path(cfg.store)
-    if fabric.is_global_zero:
-        store = ScoreStore.create(path, meta, exist_ok=True)
-        if store.meta.get("teacher", {}).get("weights") != meta["teacher"]["weights"]:
-            raise KdirError(f"{path} holds scores of another teacher; choose a new store path")
+    if fabric.is_global_zero and not (path / "meta.json").is_file():
+        ScoreStore.create(path, {"teacher": teacher, "data": data})
     fabric.barrier()
     store = ScoreStore.open(path)
+    _check_teacher(store, teacher)
     log.info(
         "rank %d/%d: %d pairs in chunks of %d -> %s",
         fabric.global_rank,
@@ -67,14 +67,44 @@ def score(cfg: DictConfig) -> Path:
     done = score_into_store(fabric, model, dataset, pairs, store, cfg.chunk_size, cfg.batch_size)
     log.info("rank %d scored %d new pairs", fabric.global_rank, done)
     fabric.barrier()
+    if len(missing := missing_pairs(dataset, pairs, store)):  # every rank: all of them stop alike
+        q, d = pairs[missing[0]]
+        raise KdirError(
+            f"{path}: {len(missing)} of the {len(pairs)} requested pairs are not in the store after scoring (e.g. "
+            f"qid={dataset.queries.ids[q]!r}, pid={dataset.corpus.ids[d]!r}); rerun the same command to score them"
+        )
+    fabric.barrier()  # every rank has looked before rank 0 compacts
     if fabric.is_global_zero:
-        store.refresh()
         if cfg.compact:
             store.compact()
-        store.update_meta(count=len(store), finished=dt.datetime.now().isoformat(timespec="seconds"))
-        log.info("score store %s: %d pairs", path, len(store))
+        if cfg.verify:
+            report = store.verify()
+            log.info(
+                "verified %d of %d segments against their checksums%s",
+                len(report["verified"]),
+                report["segments"],
+                f" ({len(report['without_checksums'])} were written without checksums)"
+                if report["without_checksums"]
+                else "",
+            )
+        store.update_meta(count=len(store), data=data, finished=dt.datetime.now().isoformat(timespec="seconds"))
+        log.info("score store %s: %d pairs, all %d requested pairs present", path, len(store), len(pairs))
     fabric.barrier()
     return path
+
+
+def _check_teacher(store: ScoreStore, teacher: dict) -> None:
+    """Refuse a store holding scores of another teacher, or of the same weights with other scoring settings."""
+    meta = store.meta
+    if imported := meta.get("imported") or meta.get("data", {}).get("imported_from"):
+        differs = [f"scores imported from {imported.get('file') if isinstance(imported, dict) else imported}"]
+    else:
+        differs = teacher_differences(meta.get("teacher", {}), teacher)
+    if differs:
+        raise KdirError(
+            f"{store.path} holds scores of another teacher or other scoring settings ({'; '.join(differs)}): "
+            f"score into a new store, e.g. store={sibling_store(store.path, teacher)}"
+        )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="score")

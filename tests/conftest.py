@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,18 +61,24 @@ def beir_dir(tmp_path) -> Path:
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300):
     """Run ``python -m <args>`` in a subprocess with the test environment; returns CompletedProcess.
 
-    ``tests/`` is on the path too, so a config may point ``_target_`` at a class of a test module.
+    ``tests/`` is on the path too, so a config may point ``_target_`` at a class of a test module. The command
+    runs in a session of its own: past ``timeout`` it is killed with every process it started (DDP ranks).
     """
+    import signal
     import subprocess
 
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
-    )
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    cmd = [sys.executable, "-m", *args]
+    with subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def run_command(module: str, *overrides: str) -> int:
@@ -97,3 +108,50 @@ def compose_cfg(tmp_path: Path, overrides: list[str], name: str = "run"):
         cfg.paths.output_dir = str(tmp_path)
         del cfg["hydra"]  # as in the real app: the task config has no hydra node
     return cfg
+
+
+# ------------------------------------------------------------------ multi-process tests
+GLOO_TIMEOUT = 300  # seconds a collective may wait for a rank starved of CPU on a loaded machine
+
+
+@contextmanager
+def gloo_group(store: str | Path, rank: int, world: int) -> Iterator[None]:
+    """A gloo process group met through the file ``store`` (no TCP port to pick, so none to clash over).
+
+    On success every rank waits for the others (a barrier) before it destroys the group, so that none leaves while
+    another is still in a collective; on an error the group is destroyed at once and the error propagates.
+    """
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=GLOO_TIMEOUT)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timeout)
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run_then_exit(rank: int, fn: Callable, *args: Any) -> None:
+    fn(rank, *args)
+    # Done, results saved, group torn down: skip the interpreter's teardown of torch's distributed state, which
+    # now and then aborts ("terminate called without an active exception", SIGABRT) on a loaded machine.
+    os._exit(0)
+
+
+def spawn(fn: Callable, args: tuple, nprocs: int, timeout: float = 600) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)``, failing (and killing the processes) after ``timeout`` s.
+
+    A process that raises is reported with its traceback, as by ``mp.spawn``.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(_run_then_exit, args=(fn, *args), nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"{nprocs} processes still running after {timeout} s")

@@ -88,9 +88,7 @@ def test_online_equals_cached_and_fill_computes_only_missing(quickstart, tiny_st
     batch = TrainCollator(ds, tiny_student.preparer(), "inbatch", online)(item)
     expected = online.scores(batch)  # [4, 12]
     # cache exactly the pairwise candidates; then fill must compute only the in-batch remainder
-    store = ScoreStore.create(
-        tmp_path / "fill", {"teacher": {"name": "DualEncoder", "weights": bi_teacher.weights_hash()}}
-    )
+    store = ScoreStore.create(tmp_path / "fill", {"teacher": bi_teacher.provenance()})
     pair_ids = [(q[i], d) for i in range(4) for d in [p[i], *negs[i]]]
     pair_scores = expected.numpy()[np.arange(4)[:, None], candidate_columns(4, 2, "pairwise")].reshape(-1)
     store.append(pair_keys_from_ids([a for a, _ in pair_ids], [b for _, b in pair_ids]), pair_scores)

@@ -1,25 +1,23 @@
-"""Cross-device in-batch candidates: identity on one process; order, loss and gradients on two gloo ranks."""
+"""Cross-device in-batch candidates: identity on one process; order, loss and gradients on two gloo ranks.
+
+The process groups meet through a file store in the test's folder (no TCP port to pick, so none to clash over),
+with a generous timeout for a loaded machine; every rank waits for the others before it tears its group down, and
+the spawned processes end without the interpreter's teardown (``conftest.spawn``).
+"""
 
 from __future__ import annotations
 
-import socket
-from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import gloo_group, spawn
 from torch import Tensor
 
 from kdir.training.distributed import all_gather_with_grad, gather_inbatch
 
 DIM, N_NEG, SIZES = 4, 1, (2, 3)  # rank0 holds 2 queries, rank1 holds 3, one negative each
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(rank: int) -> tuple[Tensor, Tensor]:
@@ -38,20 +36,19 @@ def test_identity_without_process_group():
     assert docs is x and offset == 0
 
 
-def test_identity_with_world_size_one():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
+def test_identity_with_world_size_one(tmp_path):
+    with gloo_group(tmp_path / "store", 0, 1):
         x = torch.randn(5, 3)
         assert all_gather_with_grad(x) is x
         assert gather_inbatch(x, 2) == (x, 0)
-    finally:
-        dist.destroy_process_group()
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
+def _worker(rank: int, world: int, out: str) -> None:
+    with gloo_group(Path(out) / "store", rank, world):
+        _compute(rank, out)
+
+
+def _compute(rank: int, out: str) -> None:
     b = SIZES[rank]
     res: dict = {}
     # Column order: tag every local document with (rank, position).
@@ -71,13 +68,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     loss.backward()
     res.update(loss=loss.detach(), q_grad=q.grad, d_grad=d.grad, n_cols=docs.shape[0])
     torch.save(res, f"{out}/rank{rank}.pt")
-    dist.barrier()  # no rank tears gloo down while the other is still in a collective
-    dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_uneven_batches(tmp_path):
     world = len(SIZES)
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    spawn(_worker, args=(world, str(tmp_path)), nprocs=world)
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     # (1) global column order: positives of rank0, rank1, then negatives of rank0, rank1.

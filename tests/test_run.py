@@ -125,6 +125,7 @@ def test_ddp_two_cpu_processes_train_and_evaluate(tmp_path, quickstart):
         "eval_untrained=false",
         "logger=none",
         f"hydra.run.dir={tmp_path}",
+        timeout=900,  # two processes on a loaded machine
     )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -159,6 +160,7 @@ def test_ddp_gather_across_devices_trains_with_the_global_in_batch_pool(tmp_path
         "eval_untrained=false",
         "logger=csv",
         f"hydra.run.dir={tmp_path}",
+        timeout=900,  # two processes on a loaded machine
     )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())

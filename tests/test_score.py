@@ -90,12 +90,12 @@ def test_killed_scoring_job_resumes_to_the_same_store(reference, teacher_dir, tm
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((store / "segments").glob("*chunk-000002*.keys.npy"))) == 0:
+    while time.time() < deadline and len(list((store / "segments").glob("*chunk-*.keys.npy"))) < 3:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_before = len(list((store / "segments").glob("*.keys.npy")))
-    assert 0 < n_before < 11, "the job should have been killed part-way"
+    assert 0 < n_before < 10, "the job should have been killed part-way (10 chunks in all)"
     r = run_cli(*_args(teacher_dir, store))
     assert r.returncode == 0, r.stderr[-3000:]
     ds = IRDataset.from_beir(quickstart["data"], "train")

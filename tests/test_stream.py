@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import gloo_group, spawn
 from torch.utils.data import DataLoader
 
 from kdir.data.examples import Examples
@@ -58,26 +58,20 @@ def test_sampled_negatives_do_not_depend_on_worker_count(quickstart):
     assert negs(0) == negs(2)
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str, n: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    stream = ExampleStream(_examples(n), 8, seed=0, rank=dist.get_rank(), world_size=dist.get_world_size())
-    rows = _rows_of(stream, workers=2)
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, rows)
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(gathered, f)
-    dist.destroy_process_group()
+def _ddp_worker(rank: int, world: int, store: str, out: str, n: int) -> None:
+    with gloo_group(store, rank, world):
+        stream = ExampleStream(_examples(n), 8, seed=0, rank=dist.get_rank(), world_size=dist.get_world_size())
+        rows = _rows_of(stream, workers=2)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, rows)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(gathered, f)
 
 
 def test_ddp_two_gloo_processes_see_each_example_once(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out, n = tmp_path / "rows.json", 203
-    mp.spawn(_ddp_worker, args=(2, port, str(out), n), nprocs=2, join=True)
+    spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(out), n), nprocs=2)
     per_rank = json.loads(out.read_text())
     seen = Counter(i for batches in per_rank for b in batches for i in b)
     assert sorted(seen) == list(range(n)) and set(seen.values()) == {1}

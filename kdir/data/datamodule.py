@@ -1,10 +1,16 @@
-"""LightningDataModule: streamed, sharded training batches (+ the teacher signal's entries)."""
+"""LightningDataModule: streamed, sharded training batches (+ the teacher signal's entries).
+
+The datamodule's checkpoint state is where the training stream stands (the epoch and each rank's steps already
+trained in it), so that a resumed run trains the rest of an interrupted epoch, batch for batch, and no example
+twice.
+"""
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch.distributed as dist
@@ -15,6 +21,7 @@ from kdir.data.collate import EncodeCollator, Formatter, LengthSortedRows, Signa
 from kdir.data.dataset import IRDataset
 from kdir.data.examples import Examples, QrelsExamples, TripleExamples
 from kdir.data.stream import ExampleStream
+from kdir.errors import ConfigError
 
 if TYPE_CHECKING:
     from kdir.data.generated import GeneratedQueries
@@ -64,6 +71,7 @@ class DistillDataModule(pl.LightningDataModule):
         self.stream: ExampleStream | None = None
         self.formatters: dict[str, Formatter] = {}
         self.eval_splits: dict[str, tuple[IRDataset, int]] = {}
+        self.position = (0, 0)  # (epoch, this rank's steps already trained in it) where the next epoch starts
         log.info(
             "train: %s, %d examples, %d negatives each", train.name, len(self.examples), self.examples.n_negatives
         )
@@ -97,16 +105,61 @@ class DistillDataModule(pl.LightningDataModule):
         return 0, 1
 
     def set_epoch(self, epoch: int) -> None:
+        """The stream's next iterator covers ``epoch``: from the start, or where a resumed run stopped in it."""
+        if epoch != self.position[0]:
+            self.position = (epoch, 0)
         if self.stream is not None:
-            self.stream.set_epoch(epoch)
+            self.stream.set_epoch(*self.position)
+
+    def _plan(self) -> dict[str, Any]:
+        """What fixes an epoch's batches: a mid-epoch resume needs the same."""
+        _, world = self._world()
+        return {
+            "examples": len(self.examples),
+            "batch_size": self.batch_size,
+            "world_size": world,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: ``epoch`` and ``steps_done`` (per rank) in it, and the settings of its plan.
+
+        Read from the fit loop when a checkpoint is saved: the batches trained so far, not those the loader has
+        already fetched ahead. An epoch trained to its end is saved as the start of the next.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        epoch, done = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "steps_done": done} | self._plan()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the stream where ``state`` says; a mid-epoch position needs the plan it was saved with."""
+        if not state or self.trainer is None or self.trainer.state.fn != "fit":
+            return  # testing a checkpoint: no stream to resume
+        epoch, done = int(state["epoch"]), int(state["steps_done"])
+        saved = {k: state[k] for k in self._plan() if k in state}
+        now = self._plan()
+        if done and saved != {k: now[k] for k in saved}:
+            diff = ", ".join(f"{k} {saved[k]} (now {now[k]})" for k in saved if saved[k] != now[k])
+            raise ConfigError(
+                f"cannot resume part-way through epoch {epoch} ({done} steps done): the checkpoint's training stream "
+                f"had {diff}; resume with the same data, data.batch_size, seed and trainer.devices"
+            )
+        self.position = (epoch, done)
+        log.info("training stream resumes at epoch %d, step %d of the epoch", epoch, done)
+        # the stream is resumable: Lightning's warning about a mid-epoch checkpoint does not apply
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def train_dataloader(self) -> DataLoader:
         if self.prepare is None:
             raise RuntimeError("DistillDataModule.attach(prepare, layout, signal) must come before training")
         rank, world = self._world()
-        epoch = self.stream.epoch if self.stream is not None else 0
         self.stream = ExampleStream(self.examples, self.batch_size, self.seed, self.shuffle, rank, world)
-        self.stream.set_epoch(epoch)
+        self.set_epoch(self.position[0])
         collate = TrainCollator(
             self.train,
             self.prepare,

@@ -53,10 +53,14 @@ class TextStore:
 
 
 @functools.lru_cache(maxsize=8)
-def load_texts(path: str) -> TextStore:
-    """Load (once per process) a text file: ``.jsonl`` (BEIR) or ``.tsv`` (``id<TAB>text``)."""
+def load_texts(path: str, allow_empty: bool = True) -> TextStore:
+    """Load (once per process) a text file: ``.jsonl`` (BEIR) or ``.tsv`` (``id<TAB>text``).
+
+    ``allow_empty``: documents may have an empty text (one warning gives their count); queries may not
+    (``False``: an error naming the file and line).
+    """
     reader = read_jsonl_texts if path.endswith((".jsonl", ".json")) else read_tsv_texts
-    return TextStore.from_pairs(reader(path), source=path)
+    return TextStore.from_pairs(reader(path, allow_empty=allow_empty), source=path)
 
 
 @dataclass
@@ -117,7 +121,7 @@ class IRDataset:
         qrels = read_qrels(qrels_path)
         _check_positives(qrels, min_relevance, qrels_path)
         corpus = load_texts(str(root / "corpus.jsonl"))
-        queries = cls._restrict(load_texts(str(root / "queries.jsonl")), qrels, str(qrels_path))
+        queries = cls._restrict(load_texts(str(root / "queries.jsonl"), allow_empty=False), qrels, str(qrels_path))
         return cls(corpus, queries, qrels, min_relevance, name=f"{name or root.name}/{split}")
 
     @classmethod
@@ -127,7 +131,7 @@ class IRDataset:
         """Load MS MARCO style TSV files: ``collection.tsv``, ``queries.*.tsv`` and a TREC/BEIR qrels file."""
         q = read_qrels(qrels)
         _check_positives(q, min_relevance, qrels)
-        restricted = cls._restrict(load_texts(str(queries)), q, str(qrels))
+        restricted = cls._restrict(load_texts(str(queries), allow_empty=False), q, str(qrels))
         return cls(load_texts(str(collection)), restricted, q, min_relevance, name=Path(queries).stem)
 
     @classmethod

@@ -63,6 +63,8 @@ class RunNegatives:
     def __init__(
         self, path: str | Path, depth: int = 200, exclude_positives: bool = True, fallback_random: bool = True
     ):
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ConfigError(f"negatives.depth must be a whole number >= 1, got {depth!r}")
         self.path, self.depth = str(path), depth
         self.exclude_positives, self.fallback_random = exclude_positives, fallback_random
 
@@ -89,7 +91,8 @@ class RunNegatives:
         keys = rng.random((len(queries), self.depth))
         keys[np.arange(self.depth)[None, :] >= counts[:, None]] = np.inf  # invalid slots sort last
         picks = np.argsort(keys, axis=1)[:, :n]
-        out = np.take_along_axis(self.pool[queries], picks, axis=1)
+        out = np.full((len(queries), n), -1, dtype=np.int64)  # more negatives than the depth: all random after it
+        out[:, : picks.shape[1]] = np.take_along_axis(self.pool[queries], picks, axis=1)
         short = np.arange(n)[None, :] >= counts[:, None]
         if short.any():
             if not self.fallback_random:
@@ -147,6 +150,11 @@ class QrelsExamples:
     """
 
     def __init__(self, negatives: NegativeSampler | None = None, n_negatives: int = 1):
+        if isinstance(n_negatives, bool) or not isinstance(n_negatives, int) or n_negatives < 0:
+            raise ConfigError(
+                f"data.examples.n_negatives must be a whole number >= 0 (0: in-batch candidates only), "
+                f"got {n_negatives!r}"
+            )
         if n_negatives > 0 and negatives is None:
             raise KdirError(
                 f"data.examples.n_negatives={n_negatives} needs a negative sampler: choose one with "

@@ -1,6 +1,6 @@
 """Generated (synthetic) queries: EmbedDistill's query-generation output (Kim et al. 2023, arXiv 2301.12005, §3.5).
 
-File format: UTF-8, no header, one query a line, tab separated::
+File format: UTF-8 (a byte-order mark is dropped), no header, one query a line, tab separated::
 
     gid <TAB> text [<TAB> source_id]
 
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdir.data.dataset import TextStore
-from kdir.errors import DataFormatError, EmptySplitError, KdirError, MissingFileError
+from kdir.data.formats import text_lines
+from kdir.errors import DataFormatError, EmptySplitError, KdirError
 from kdir.utils.io import atomic_write
 
 EXPECTED = "'gid<TAB>text' or 'gid<TAB>text<TAB>source_id'"
@@ -40,34 +41,31 @@ class GeneratedQueries:
     def from_tsv(cls, path: str | Path) -> GeneratedQueries:
         """Read a generated-queries file; a malformed line raises :class:`DataFormatError` naming ``file:line``."""
         path = Path(path)
-        if not path.is_file():
-            raise MissingFileError(f"{path}: no such file")
         ids: list[str] = []
         texts: list[str] = []
         sources: list[str | None] = []
         seen: dict[str, int] = {}
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                fields = line.split("\t")
-                if len(fields) not in (2, 3):
-                    raise DataFormatError(path, lineno, f"{EXPECTED} ({len(fields)} columns)", got=line)
-                gid, text = fields[0].strip(), fields[1].strip()
-                if not gid:
-                    raise DataFormatError(path, lineno, "a non-empty query id in column 1", got=line)
-                if not text:
-                    raise DataFormatError(path, lineno, "a non-empty query text in column 2", got=line)
-                if gid in seen:
-                    raise DataFormatError(
-                        path, lineno, f"a unique query id ({gid!r} is also on line {seen[gid]})", got=line
-                    )
-                seen[gid] = lineno
-                source = fields[2].strip() if len(fields) == 3 else ""
-                ids.append(gid)
-                texts.append(text)
-                sources.append(source or None)
+        for lineno, line in text_lines(path):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) not in (2, 3):
+                raise DataFormatError(path, lineno, f"{EXPECTED} ({len(fields)} columns)", got=line)
+            gid, text = fields[0].strip(), fields[1].strip()
+            if not gid:
+                raise DataFormatError(path, lineno, "a non-empty query id in column 1", got=line)
+            if not text:
+                raise DataFormatError(path, lineno, "a non-empty query text in column 2", got=line)
+            if gid in seen:
+                raise DataFormatError(
+                    path, lineno, f"a unique query id ({gid!r} is also on line {seen[gid]})", got=line
+                )
+            seen[gid] = lineno
+            source = fields[2].strip() if len(fields) == 3 else ""
+            ids.append(gid)
+            texts.append(text)
+            sources.append(source or None)
         if not ids:
             raise EmptySplitError(f"{path}: no generated queries")
         return cls(ids, texts, sources)

@@ -71,6 +71,7 @@ class Scorer(nn.Module, ABC):
     name: ClassVar[str] = "scorer"
     multi_vector: ClassVar[bool] = False
     uses_query_keys: ClassVar[bool] = False
+    non_scoring: ClassVar[tuple[str, ...]] = ()  # settings of `config` that do not change a frozen model's scores
     config: dict
 
     @property
@@ -133,9 +134,14 @@ class Scorer(nn.Module, ABC):
             h.update(t.view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
+    def scoring_settings(self) -> dict[str, Any]:
+        """The settings of :attr:`config` that change a frozen model's scores (all but :attr:`non_scoring`)."""
+        return {k: v for k, v in self.config.items() if k not in self.non_scoring}
+
     def provenance(self) -> dict[str, Any]:
-        """What produced a score: the class, its settings and the weights hash (recorded by the stores)."""
-        return {"name": type(self).__name__, "config": self.config, "weights": self.weights_hash()}
+        """What produced a score: the class, its scoring settings and the weights hash (recorded by the stores;
+        :func:`kdir.stores.teacher_differences` compares two)."""
+        return {"name": type(self).__name__, "config": self.scoring_settings(), "weights": self.weights_hash()}
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write a folder that :meth:`from_pretrained` reads (HF-format weights + ``kdir_model.json``)."""

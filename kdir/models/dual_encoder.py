@@ -97,6 +97,7 @@ class DualEncoder(Scorer):
     """
 
     name = "dual_encoder"
+    non_scoring = ("freeze_doc_encoder",)  # a training setting: a frozen teacher scores the same either way
 
     def __init__(
         self,

@@ -72,6 +72,11 @@ class Ensemble(Scorer):
             members={n: f"{type(m).__module__}.{type(m).__qualname__}" for n, m in self.members.items()},
         )
 
+    def scoring_settings(self) -> dict:
+        """``normalize``, ``weights`` and each member's class and scoring settings."""
+        members = {n: {"name": type(m).__name__, "config": m.scoring_settings()} for n, m in self.members.items()}
+        return {"normalize": self.normalize, "weights": self.weights, "members": members}
+
     def preparer(self) -> EnsemblePreparer:
         """Every member's tokenisation; prepared inputs are keyed ``<member>.<key>``."""
         return EnsemblePreparer({name: m.preparer() for name, m in self.members.items()})

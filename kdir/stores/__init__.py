@@ -4,6 +4,20 @@ from __future__ import annotations
 
 from kdir.stores.expansion_store import ExpansionStore
 from kdir.stores.keys import id_hashes, pair_keys, pair_keys_from_ids
-from kdir.stores.score_store import ScoreStore
+from kdir.stores.score_store import (
+    ScoreStore,
+    import_differences,
+    sibling_store,
+    teacher_differences,
+)
 
-__all__ = ["ExpansionStore", "ScoreStore", "id_hashes", "pair_keys", "pair_keys_from_ids"]
+__all__ = [
+    "ExpansionStore",
+    "ScoreStore",
+    "id_hashes",
+    "import_differences",
+    "pair_keys",
+    "pair_keys_from_ids",
+    "sibling_store",
+    "teacher_differences",
+]

@@ -6,18 +6,29 @@ Layout::
     <store>/segments/seg-<n:06d>-<tag>.keys.npy     uint64 pair keys (kdir.stores.keys), sorted, unique
     <store>/segments/seg-<n:06d>-<tag>.values.npy   float32 scores aligned with the keys
     <store>/segments/seg-<n:06d>-<tag>.names.json   (compacted segments) names of the named segments merged in
+    <store>/segments/seg-<n:06d>-<tag>.sums.json    byte size and xxh64 of the keys and values files
 
 Every write goes to a temporary file in the same folder and is published with ``os.replace``; a segment's
-values are published before its keys, and readers only use segments whose keys file exists, so a segment
-is visible complete or not at all. ``<n>`` is one more than the highest number in the folder when the
+checksums and values are published before its keys, and readers only use segments whose keys file exists, so a
+segment is visible complete or not at all. ``<n>`` is one more than the highest number in the folder when the
 segment is published, so a later append sorts (and wins on duplicate keys) after an earlier one. ``<tag>``
-is a random ``_<hex>`` for :meth:`ScoreStore.append` or the caller's name for :meth:`ScoreStore.append_segment`;
-it keeps appenders in different processes from ever writing the same file (two concurrent appends may share
-``<n>``: they are then ordered by tag).
+is a random ``_<hex>`` for :meth:`ScoreStore.append`, or the caller's name (``append(..., name=...)``,
+:meth:`ScoreStore.append_segment`); it keeps appenders in different processes from ever writing the same file
+(two concurrent appends may share ``<n>``: they are then ordered by tag).
+
+Each segment file is hashed (xxh64) as it is written and read back before it is published. Opening a store
+checks every segment file's size against its checksum record (for segments written before checksums existed,
+against its ``.npy`` header); :meth:`ScoreStore.verify` re-hashes the files. A mismatch is a
+:class:`~kdir.errors.DamagedStoreError` naming the file.
 
 Appends from several processes may run concurrently with each other and with readers (which see new
 segments after :meth:`ScoreStore.refresh`); :meth:`ScoreStore.compact` needs the store to itself. Each open
 segment holds two memory maps (and two file descriptors), so compact after a bulk of small appends.
+
+An imported store (:meth:`ScoreStore.import_new`) is built in a temporary folder next to its path and renamed
+into place when the import is complete, with ``meta["imported"]`` recording the source file (path, format, size,
+modification time) and the pairs read: a store is a finished import, or absent. Scores must be finite float32
+numbers (NaN means "not stored" in lookups); others are refused with a :class:`~kdir.errors.NonFiniteScoreError`.
 """
 
 from __future__ import annotations
@@ -25,7 +36,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -33,18 +46,31 @@ from typing import Any, Literal
 from uuid import uuid4
 
 import numpy as np
+import xxhash
 
-from kdir.data.formats import read_margin_scores, read_pair_scores
-from kdir.errors import ConfigError, DataFormatError, MissingFileError, OutputExistsError, UnknownIdError
+from kdir.data.formats import read_jsonl_scores, read_margin_scores, read_pair_scores
+from kdir.errors import (
+    ConfigError,
+    DamagedStoreError,
+    DataFormatError,
+    MissingFileError,
+    NonFiniteScoreError,
+    OutputExistsError,
+    UnknownIdError,
+)
 from kdir.stores.keys import KEY_SCHEME, pair_keys_from_ids
-from kdir.utils.io import atomic_write, stage_file
+from kdir.utils.io import atomic_write, stage_file, temp_path
 
 FORMAT = "kdir-score-store/1"
 _META = "meta.json"
 _SEGMENTS = "segments"
-_RESERVED = ("format", "key", "count", "created", "updated", "kdir_version")
+_RESERVED = ("format", "key", "count", "created", "updated", "kdir_version", "imported")
 _KEYS_FILE = re.compile(r"^seg-(\d{6,})-([A-Za-z0-9_.-]+)\.keys\.npy$")
 _ANY_FILE = re.compile(r"^seg-(\d{6,})-")
+_PART_FILE = re.compile(r"^seg-(\d{6,})-([A-Za-z0-9_.-]+?)\.(keys\.npy|values\.npy|names\.json|sums\.json)$")
+_PARTS = (("keys", np.uint64), ("values", np.float32))
+_STALE_IMPORT_S = 600  # a temporary import folder of a dead process untouched this long is removed
+IMPORT_FORMATS = ("pairs", "margin_scores", "jsonl")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BUCKET = 32  # mean keys per bucket of a segment's in-memory directory (~0.5 byte per pair)
 
@@ -94,9 +120,78 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _stage_npy(path: Path, arr: np.ndarray) -> Path:
-    """Write ``arr`` to a temporary file next to ``path`` (fsynced, not yet published); returns its name."""
-    return stage_file(path, lambda f: np.save(f, arr, allow_pickle=False))
+class _HashingWriter:
+    """A write-only file wrapper that hashes (xxh64) and counts the bytes written through it."""
+
+    def __init__(self, f: Any):
+        self.f, self.hash, self.size = f, xxhash.xxh64(), 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+
+def _file_xxh64(path: str | Path) -> str:
+    """xxh64 (hex) of a file's bytes, read in 8 MiB blocks."""
+    h = xxhash.xxh64()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _damaged(file: str | Path, what: str, store: Path) -> DamagedStoreError:
+    return DamagedStoreError(
+        f"{file}: {what}; the score store {store} is damaged: delete it and rebuild it (rerun the "
+        "`python -m kdir.score` or the import that wrote it)"
+    )
+
+
+def _stage_npy(path: Path, arr: np.ndarray) -> tuple[Path, dict[str, Any]]:
+    """Write ``arr`` to a temporary file next to ``path`` (fsynced, read back, not yet published).
+
+    Returns the temporary file and its checksum record ``{"bytes": ..., "xxh64": ...}`` (of the bytes written).
+    """
+    record: dict[str, Any] = {}
+
+    def write(f: Any) -> None:
+        w = _HashingWriter(f)
+        np.save(w, arr, allow_pickle=False)
+        record.update(bytes=w.size, xxh64=w.hash.hexdigest())
+
+    tmp = stage_file(path, write)
+    if os.path.getsize(tmp) != record["bytes"] or _file_xxh64(tmp) != record["xxh64"]:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(f"{tmp}: the bytes read back differ from those written (a failing disk?)")
+    return tmp, record
+
+
+def _npy_payload(file: Path) -> tuple[np.dtype, tuple[int, ...], int]:
+    """``(dtype, shape, bytes the file must have)`` from a ``.npy`` header; :class:`ValueError` if unreadable."""
+    with open(file, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, _, dtype = read[version](f)
+        return dtype, shape, f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def _finite_float32(values: Any) -> np.ndarray:
+    """``values`` as float32, or :class:`~kdir.errors.NonFiniteScoreError` at the first one not finite in float32."""
+    v = np.asarray(values)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = v.astype(np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        i = int(np.flatnonzero(bad.ravel())[0])
+        raise NonFiniteScoreError(
+            f"score {v.ravel()[i].item()!r} ({int(bad.sum())} of {bad.size} given) is NaN, infinite or beyond "
+            "float32's range (|x| <= 3.4e38): a score store holds finite float32 scores only (NaN means "
+            "'not in the store' in lookups)"
+        )
+    return out
 
 
 def _as_keys(keys: Any) -> np.ndarray:
@@ -110,12 +205,10 @@ def _as_keys(keys: Any) -> np.ndarray:
 
 def _sorted_unique(keys: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
     """Sort by key; of repeated keys the last one given wins."""
-    k, v = _as_keys(keys), np.asarray(values, dtype=np.float32)
+    k, v = _as_keys(keys), np.asarray(values)
     if k.shape != v.shape:
         raise ValueError(f"keys {k.shape} and values {v.shape} must have the same shape")
-    k, v = k.ravel(), v.ravel()
-    if np.isnan(v).any():
-        raise ValueError("NaN scores cannot be stored: NaN means 'not in the store' in lookups")
+    k, v = k.ravel(), _finite_float32(v).ravel()
     order = np.argsort(k, kind="stable")
     k = k[order]
     last = np.ones(len(k), dtype=bool)
@@ -132,6 +225,109 @@ def _batched(it: Iterable, n: int) -> Iterator[list]:
 def _score_text(scores: np.ndarray) -> list[str]:
     """Shortest decimal text that reads back to the same float32."""
     return [str(s) for s in scores.astype(np.float32)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _remove_stale_imports(path: Path) -> None:
+    """Remove the temporary folders of imports into ``path`` whose process died and that are untouched for a while."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)-[0-9a-f]+\.tmp$")
+    if not path.parent.is_dir():
+        return
+    for tmp in path.parent.iterdir():
+        if not ((m := pattern.match(tmp.name)) and tmp.is_dir()) or _alive(int(m[1])):
+            continue
+        try:
+            touched = max(p.stat().st_mtime for p in (tmp, tmp / _SEGMENTS) if p.exists())
+        except OSError:
+            continue
+        if time.time() - touched >= _STALE_IMPORT_S:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish_folder(tmp: Path, path: Path, replace: bool) -> None:
+    """Rename the finished folder ``tmp`` to ``path`` (swapping out what is there if ``replace``)."""
+    aside = None
+    if replace and path.exists():
+        aside = temp_path(path)
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:  # another process swapped it out first
+            aside = None
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if aside is not None and not path.exists():
+            os.replace(aside, path)  # put the old one back
+            aside = None
+        if not (path / _META).is_file():  # not a store published meanwhile by a concurrent import
+            raise OutputExistsError(f"{path}: exists and is not a kdir score store") from None
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def import_differences(record: Mapping[str, Any], source: str | Path, format: str | None = None) -> list[str]:
+    """How the file ``source`` (read as ``format``) differs from a store's ``meta["imported"]`` record (``[]``: the
+    same file)."""
+    source = Path(source)
+    st = source.stat()
+    out = []
+    if format is not None and format != record.get("format"):
+        out.append(f"format {record.get('format')} -> {format}")
+    if str(source.resolve()) != record.get("file"):
+        out.append(f"file {record.get('file')} -> {source.resolve()}")
+    if st.st_size != record.get("size"):
+        out.append(f"size {record.get('size')} -> {st.st_size} bytes")
+    if st.st_mtime_ns != record.get("mtime_ns"):
+        out.append(f"modified {_ns_time(record.get('mtime_ns'))} -> {_ns_time(st.st_mtime_ns)}")
+    return out
+
+
+def _ns_time(ns: Any) -> str:
+    if not isinstance(ns, int):
+        return repr(ns)
+    return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="seconds")
+
+
+def sibling_store(path: str | Path, identity: Any) -> Path:
+    """A store path next to ``path`` for other contents: ``<stem>-<8 hex of identity><suffix>`` (stable)."""
+    path = Path(path)
+    tag = xxhash.xxh64_hexdigest(json.dumps(identity, sort_keys=True, default=str).encode())[:8]
+    return path.with_name(f"{path.stem}-{tag}{path.suffix}")
+
+
+def teacher_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between a store's recorded ``teacher`` and a model's provenance (``[]``: the same teacher).
+
+    ``current`` is :meth:`kdir.models.base.Scorer.provenance`: class ``name``, scoring ``config`` and ``weights``
+    hash. Settings are compared as ``current`` lists them (a model leaves out the settings that do not change
+    its scores); one the store does not record counts as different.
+    """
+    now = json.loads(json.dumps(dict(current), default=str))
+    out = []
+    if recorded.get("name") != now.get("name"):
+        out.append(f"class {recorded.get('name')} -> {now.get('name')}")
+    if not isinstance(recorded.get("config"), Mapping):
+        out.append("settings (not recorded) -> " + json.dumps(now.get("config"), sort_keys=True))
+    else:
+        old = recorded["config"]
+        for key, value in (now.get("config") or {}).items():
+            if key not in old:
+                out.append(f"{key} (not recorded) -> {value!r}")
+            elif old[key] != value:
+                out.append(f"{key} {old[key]!r} -> {value!r}")
+    if recorded.get("weights") != now.get("weights"):
+        short = [str(w)[:12] if w else "(not recorded)" for w in (recorded.get("weights"), now.get("weights"))]
+        out.append(f"weights {short[0]} -> {short[1]}")
+    return out
 
 
 class ScoreStore:
@@ -238,15 +434,41 @@ class ScoreStore:
     def _stem(self, number: int, tag: str) -> Path:
         return self._dir / f"seg-{number:06d}-{tag}"
 
+    def _sums(self, number: int, tag: str) -> dict[str, Any] | None:
+        """The checksum record of a segment (``None`` for segments written before checksums)."""
+        file = Path(f"{self._stem(number, tag)}.sums.json")
+        try:
+            sums = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            sums = None
+        if not (
+            isinstance(sums, dict)
+            and all(isinstance(sums.get(p), dict) and {"bytes", "xxh64"} <= set(sums[p]) for p, _ in _PARTS)
+        ):
+            raise _damaged(file, "unreadable checksum record", self.path)
+        return sums
+
     def _load(self, number: int, tag: str) -> _Segment:
+        """Memory-map a segment after checking each file's size (cheap: no data is read)."""
         stem = self._stem(number, tag)
+        sums = self._sums(number, tag)
         arrays = []
-        for part, dtype in (("keys", np.uint64), ("values", np.float32)):
+        for part, dtype in _PARTS:
             file = Path(f"{stem}.{part}.npy")
-            arr = np.load(file, mmap_mode="r")
-            if arr.dtype != dtype or arr.ndim != 1:
-                raise DataFormatError(file, None, f"a 1-d {np.dtype(dtype)} array", got=f"{arr.dtype} {arr.shape}")
-            arrays.append(arr.view(np.ndarray))
+            size = os.path.getsize(file)  # FileNotFoundError: removed by a compaction (refresh retries)
+            if sums is not None and size != sums[part]["bytes"]:
+                raise _damaged(file, f"{size} bytes, but {sums[part]['bytes']} were written", self.path)
+            try:
+                got_dtype, shape, need = _npy_payload(file)
+            except ValueError as e:
+                raise _damaged(file, f"unreadable .npy header ({e})", self.path) from None
+            if size != need:
+                raise _damaged(file, f"{size} bytes, but its header describes {need}", self.path)
+            if got_dtype != dtype or len(shape) != 1:
+                raise DataFormatError(file, None, f"a 1-d {np.dtype(dtype)} array", got=f"{got_dtype} {shape}")
+            arrays.append(np.load(file, mmap_mode="r").view(np.ndarray))
         if len(arrays[0]) != len(arrays[1]):
             raise DataFormatError(stem, None, "as many values as keys", got=f"{len(arrays[1])} vs {len(arrays[0])}")
         return _Segment(number, tag, *arrays)
@@ -265,35 +487,42 @@ class ScoreStore:
     def _publish(self, tag: str, keys: np.ndarray, values: np.ndarray, names: list[str] | None = None) -> Path:
         """Write a segment of sorted unique keys under the next number; returns its keys file."""
         probe = self._stem(0, tag)
-        tmp_values = _stage_npy(probe, values)
-        tmp_keys = tmp_names = None
+        tmp_values, values_sum = _stage_npy(probe, values)
+        tmp_keys = tmp_names = tmp_sums = None
         try:
-            tmp_keys = _stage_npy(probe, keys)
+            tmp_keys, keys_sum = _stage_npy(probe, keys)
             if names:
                 tmp_names = stage_file(probe, lambda f: f.write(json.dumps(names)), mode="w")
+            sums = json.dumps({"pairs": len(keys), "keys": keys_sum, "values": values_sum})
+            tmp_sums = stage_file(probe, lambda f: f.write(sums + "\n"), mode="w")
             taken = [int(m[1]) for name in os.listdir(self._dir) if (m := _ANY_FILE.match(name))]
             stem = self._stem(max(taken, default=0) + 1, tag)
             if tmp_names is not None:
                 os.replace(tmp_names, f"{stem}.names.json")
+            os.replace(tmp_sums, f"{stem}.sums.json")
             os.replace(tmp_values, f"{stem}.values.npy")
             os.replace(tmp_keys, f"{stem}.keys.npy")  # last: the segment is now visible
         finally:
-            for tmp in (tmp_values, tmp_keys, tmp_names):
+            for tmp in (tmp_values, tmp_keys, tmp_names, tmp_sums):
                 if tmp is not None:
                     Path(tmp).unlink(missing_ok=True)
         return Path(f"{stem}.keys.npy")
 
     def _remove(self, number: int, tag: str) -> None:
         stem = self._stem(number, tag)
-        for part in ("keys.npy", "values.npy", "names.json"):  # keys first: invisible at once
+        for part in ("keys.npy", "values.npy", "names.json", "sums.json"):  # keys first: invisible at once
             Path(f"{stem}.{part}").unlink(missing_ok=True)
 
-    def append(self, keys: np.ndarray, values: np.ndarray) -> Path:
+    def append(self, keys: np.ndarray, values: np.ndarray, name: str | None = None) -> Path:
         """Store ``values[i]`` under ``keys[i]`` as one new segment (later appends win); returns its keys file.
 
-        Repeated keys within the call keep their last value. NaN values are refused.
+        Repeated keys within the call keep their last value. Values that are not finite in float32 (NaN, ±inf,
+        beyond ±3.4e38) are refused (:class:`~kdir.errors.NonFiniteScoreError`). ``name``: the segment's tag
+        (unique to the writer, e.g. a hash of the keys; default a random one).
         """
-        path = self._publish(f"_{uuid4().hex[:12]}", *_sorted_unique(keys, values))
+        if name is not None and not _NAME.match(name):
+            raise ValueError(f"segment name {name!r} must match {_NAME.pattern}")
+        path = self._publish(name or f"_{uuid4().hex[:12]}", *_sorted_unique(keys, values))
         self._update_count()
         return path
 
@@ -387,22 +616,58 @@ class ScoreStore:
         del keys, values
         for number, tag in old:
             self._remove(number, tag)
-        present = {int(m[1]) for name in os.listdir(self._dir) if (m := _KEYS_FILE.match(name))}
-        for name in os.listdir(self._dir):  # values left by appenders that died before publishing keys
-            if name.endswith(".values.npy") and (m := _ANY_FILE.match(name)) and int(m[1]) not in present:
+        present = {(m[1], m[2]) for name in os.listdir(self._dir) if (m := _KEYS_FILE.match(name))}
+        for name in os.listdir(self._dir):  # files left by appenders that died before publishing keys
+            if (m := _PART_FILE.match(name)) and (m[1], m[2]) not in present:
                 (self._dir / name).unlink(missing_ok=True)
         self._update_count()
         return path
 
+    def verify(self) -> dict[str, Any]:
+        """Re-hash every segment file against the checksums recorded when it was written.
+
+        Returns ``{"segments": n, "verified": [names], "without_checksums": [names]}`` (segments written before
+        checksums cannot be verified; their sizes are still checked on open). A mismatch raises
+        :class:`~kdir.errors.DamagedStoreError` naming the file.
+        """
+        self.refresh()
+        verified, unchecked = [], []
+        for seg in self._segments:
+            stem = self._stem(seg.number, seg.tag)
+            sums = self._sums(seg.number, seg.tag)
+            if sums is None:
+                unchecked.append(stem.name)
+                continue
+            for part, _ in _PARTS:
+                file = Path(f"{stem}.{part}.npy")
+                if (got := _file_xxh64(file)) != sums[part]["xxh64"]:
+                    raise _damaged(file, f"xxh64 {got}, but {sums[part]['xxh64']} was written", self.path)
+            verified.append(stem.name)
+        return {"segments": len(self._segments), "verified": verified, "without_checksums": unchecked}
+
     # -- import / export -------------------------------------------------------------------------------
 
-    def _import_rows(self, rows: Iterable[tuple[str, str, float]], chunk_size: int) -> int:
-        """Append ``(qid, pid, score)`` rows, one segment per ``chunk_size``; all or nothing."""
+    def _import_rows(
+        self, rows: Iterable[tuple[str, str, float]], chunk_size: int, source: str | Path | None = None
+    ) -> int:
+        """Append ``(qid, pid, score)`` rows, one segment per ``chunk_size``; all or nothing.
+
+        A score that is not finite in float32 raises :class:`~kdir.errors.NonFiniteScoreError` naming its pair.
+        """
         written, n = [], 0
         try:
             for chunk in _batched(rows, chunk_size):
                 qids, pids, scores = zip(*chunk)
-                written.append(self.append(pair_keys_from_ids(qids, pids), np.asarray(scores, dtype=np.float32)))
+                with np.errstate(over="ignore", invalid="ignore"):
+                    values = np.asarray(scores, dtype=np.float64).astype(np.float32)
+                if not (finite := np.isfinite(values)).all():
+                    i = int(np.flatnonzero(~finite)[0])
+                    raise NonFiniteScoreError(
+                        f"{source or 'imported rows'}: the score {scores[i]!r} of (qid={qids[i]!r}, pid={pids[i]!r}) "
+                        "is NaN, infinite or beyond float32's range (|x| <= 3.4e38); fix or remove it, then import "
+                        "again (nothing was imported)"
+                    )
+                written.append(self.append(pair_keys_from_ids(qids, pids), values))
                 n += len(chunk)
         except BaseException:
             for keys_file in written:
@@ -431,26 +696,74 @@ class ScoreStore:
             )
         else:
             raise ConfigError(f"unknown score format {format!r}: expected 'pairs' or 'margin_scores'")
-        return self._import_rows(rows, chunk_size)
+        return self._import_rows(rows, chunk_size, source=path)
 
     def import_jsonl(self, path: str | Path, chunk_size: int = 2_000_000) -> int:
         """Import ``{"qid": ..., "pid": ..., "score": ...}`` lines; returns the number of pairs read."""
 
-        def rows() -> Iterator[tuple[str, str, float]]:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                        yield str(obj["qid"]), str(obj["pid"]), float(obj["score"])
-                    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                        expected = 'a JSON object with "qid", "pid" and a numeric "score"'
-                        raise DataFormatError(path, lineno, expected, got=line.strip()) from None
-
         if not Path(path).is_file():
             raise MissingFileError(f"{path}: no such file")
-        return self._import_rows(rows(), chunk_size)
+        return self._import_rows(((q, p, s) for _, q, p, s in read_jsonl_scores(path)), chunk_size, source=path)
+
+    @classmethod
+    def import_new(
+        cls,
+        path: str | Path,
+        source: str | Path,
+        format: str = "pairs",
+        meta: dict[str, Any] | None = None,
+        chunk_size: int = 2_000_000,
+        replace: bool = False,
+    ) -> ScoreStore:
+        """Import the score file ``source`` into a new store at ``path``, atomically; returns the opened store.
+
+        The store is built in a temporary folder next to ``path`` (:func:`kdir.utils.io.temp_path`) and renamed to
+        ``path`` once every row is in, with ``meta["imported"]`` = ``{"file", "format", "size", "mtime_ns",
+        "pairs", "finished"}``: an interrupted import leaves no store at ``path``, only its temporary folder
+        (removed by a later import once its process is gone). ``format``: ``pairs``, ``margin_scores`` (see
+        :meth:`import_tsv`) or ``jsonl``. ``replace``: swap out the store now at ``path`` (an import that never
+        finished); otherwise a store at ``path`` is an error, unless another process has just published the same
+        finished import, which is then opened.
+        """
+        path, source = Path(path), Path(source)
+        if format not in IMPORT_FORMATS:
+            raise ConfigError(f"unknown score format {format!r}: expected one of {', '.join(IMPORT_FORMATS)}")
+        if not source.is_file():
+            raise MissingFileError(f"{source}: no such file")
+        if not replace and path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise OutputExistsError(f"{path}: exists; an import needs a new store path")
+        _remove_stale_imports(path)
+        before = source.stat()
+        tmp = temp_path(path)
+        try:
+            given = {"teacher": {"name": f"imported:{source}"}, "data": {"imported_from": str(source)}}
+            store = cls.create(tmp, given | (meta or {}))
+            if format == "jsonl":
+                n = store.import_jsonl(source, chunk_size)
+            else:
+                n = store.import_tsv(source, format, chunk_size)  # type: ignore[arg-type]
+            after = source.stat()
+            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                raise OutputExistsError(f"{source} changed while it was imported; import it again once it is written")
+            record = {
+                "file": str(source.resolve()),
+                "format": format,
+                "size": before.st_size,
+                "mtime_ns": before.st_mtime_ns,
+                "pairs": n,
+                "finished": _now(),
+            }
+            cls._write_meta(tmp, store.meta | {"imported": record, "count": len(store), "updated": _now()})
+            del store
+            _publish_folder(tmp, path, replace)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone after a publish; the unfinished folder otherwise
+        published = cls(path)
+        if published.meta.get("imported", {}).get("file") != record["file"] or import_differences(
+            published.meta["imported"], source
+        ):
+            raise OutputExistsError(f"{path}: another process published another store there meanwhile")
+        return published
 
     def _scores(self, qids: tuple[str, ...], pids: tuple[str, ...], dest: str | Path) -> np.ndarray:
         scores = self.lookup(pair_keys_from_ids(qids, pids))

@@ -1,9 +1,12 @@
 """Scoring (query, document) pairs with a teacher into a score store: which pairs, and the resumable chunk loop.
 
 The pairs are the training candidates (positives + the run-file pool of the examples, or fixed triples) or the
-top-``depth`` candidates of any run file. They are sorted, cut into fixed chunks, and chunk ``k`` is scored by
-rank ``k mod world_size`` and written atomically as segment ``chunk-<k>``: a killed job restarted with the same
-arguments skips the finished chunks, and any number of processes gives the same store.
+top-``depth`` candidates of any run file. They are sorted and cut into fixed chunks; chunk ``k`` is scored by
+rank ``k mod world_size``, which scores only the chunk's pairs the store does not hold yet and writes them
+atomically as one segment named by a hash of their keys. A killed job restarted with the same arguments finds
+its finished chunks complete and scores the others in the same batches (the same bits as one uninterrupted run);
+a run over another pair set (a deeper ``depth``, another run file) scores just the pairs that are new; any number
+of processes gives the same store. :func:`missing_pairs` is the completeness check that ends a job.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 
 import numpy as np
 import torch
+import xxhash
 from lightning_fabric import Fabric
 from tqdm.auto import tqdm
 
@@ -49,19 +53,27 @@ def candidate_pairs(dataset: IRDataset, examples=None, run_file: str | None = No
     return np.stack([keys // n_docs, keys % n_docs], axis=1)
 
 
+def requested_keys(dataset: IRDataset, pairs: np.ndarray) -> np.ndarray:
+    """``uint64 [N]`` store keys of ``[N, 2]`` (query code, doc code) pairs of ``dataset``."""
+    return pair_keys(id_hashes(dataset.queries.ids)[pairs[:, 0]], id_hashes(dataset.corpus.ids)[pairs[:, 1]])
+
+
 def score_into_store(
     fabric: Fabric, model, dataset: IRDataset, pairs: np.ndarray, store: ScoreStore, chunk_size: int, batch_size: int
 ) -> int:
-    """Score this rank's unfinished chunks; returns the number of pairs scored by this rank."""
-    keys = pair_keys(id_hashes(dataset.queries.ids)[pairs[:, 0]], id_hashes(dataset.corpus.ids)[pairs[:, 1]])
+    """Score the pairs of this rank's chunks that the store lacks; returns the number of pairs scored by this rank."""
+    keys = requested_keys(dataset, pairs)
     qtexts, dtexts = dataset.queries.texts, dataset.corpus.texts
     n_chunks = math.ceil(len(pairs) / chunk_size)
-    mine = [
-        k for k in range(fabric.global_rank, n_chunks, fabric.world_size) if not store.has_segment(f"chunk-{k:06d}")
-    ]
+    todo = []
+    for k in range(fabric.global_rank, n_chunks, fabric.world_size):
+        lo, hi = k * chunk_size, min((k + 1) * chunk_size, len(pairs))
+        new = lo + np.flatnonzero(~store.contains(keys[lo:hi]))
+        if len(new):
+            todo.append(new)
     done = 0
-    for k in tqdm(mine, desc=f"score rank {fabric.global_rank}", disable=not fabric.is_global_zero, unit="chunk"):
-        chunk = pairs[k * chunk_size : (k + 1) * chunk_size]
+    for rows in tqdm(todo, desc=f"score rank {fabric.global_rank}", disable=not fabric.is_global_zero, unit="chunk"):
+        chunk = pairs[rows]
         values = []
         for b in range(0, len(chunk), batch_size):
             q, d = chunk[b : b + batch_size, 0], chunk[b : b + batch_size, 1]
@@ -69,6 +81,12 @@ def score_into_store(
             inputs = model.prepare([qtexts[i] for i in q], [dtexts[i] for i in docs], inverse[:, None])
             with torch.no_grad(), fabric.autocast():
                 values.append(model(inputs).float()[:, 0].cpu().numpy())
-        store.append_segment(f"chunk-{k:06d}", keys[k * chunk_size : (k + 1) * chunk_size], np.concatenate(values))
+        store.append(keys[rows], np.concatenate(values), name=f"chunk-{xxhash.xxh64_hexdigest(keys[rows].tobytes())}")
         done += len(chunk)
     return done
+
+
+def missing_pairs(dataset: IRDataset, pairs: np.ndarray, store: ScoreStore) -> np.ndarray:
+    """The rows of ``pairs`` the store does not hold (after :meth:`ScoreStore.refresh`)."""
+    store.refresh()
+    return np.flatnonzero(~store.contains(requested_keys(dataset, pairs)))

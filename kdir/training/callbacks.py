@@ -7,10 +7,35 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from kdir.utils.io import save_json
 
 log = logging.getLogger(__name__)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` every ``every_n_train_steps`` optimizer steps, except on a step that validation follows.
+
+    Lightning resumes a checkpoint saved at the end of such a step after that validation, which then never runs:
+    its metrics, and its say in the best checkpoint, would be missing from the resumed run. The checkpoint saved
+    after the validation (``model_checkpoint``'s ``last.ckpt``) stands in for it. Saved mid-epoch, a checkpoint
+    resumes exactly: the stream's position is the datamodule's state, the random generators the module's.
+    """
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if not self._validation_follows(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @staticmethod
+    def _validation_follows(trainer: pl.Trainer) -> bool:
+        loop = trainer.fit_loop
+        try:
+            return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+        except AttributeError:  # a Lightning without that method: validation follows an epoch's last batch
+            return bool(trainer.enable_validation and loop.epoch_loop.batch_progress.is_last_batch)
 
 
 class Throughput(pl.Callback):

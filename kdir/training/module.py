@@ -18,11 +18,12 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 
 from kdir.data.batch import TrainBatch
 from kdir.data.datamodule import DistillDataModule
-from kdir.errors import ConfigError
+from kdir.errors import ConfigError, NonFiniteError
 from kdir.losses.base import Candidates, Loss
 from kdir.models.base import Scorer
 from kdir.retrieval.evaluators import RetrievalEvaluator
 from kdir.retrieval.metrics import write_trec_run
+from kdir.training.resume import gathered_rng_states, set_rng_states
 from kdir.training.signal import TeacherSignal
 from kdir.utils.io import save_json
 
@@ -76,6 +77,7 @@ class DistillModule(pl.LightningModule):
         self.output_dir = Path(output_dir) if output_dir else None
         self.gather_across_devices, self.schedule = gather_across_devices, schedule
         self._encoded: dict[str, list[tuple]] = {"query": [], "doc": []}
+        self._rng_to_restore: dict | None = None  # generator states of a checkpoint, restored at the next step
 
     # ------------------------------------------------------------------ training
     def candidates(self, batch: TrainBatch) -> Candidates:
@@ -126,17 +128,41 @@ class DistillModule(pl.LightningModule):
         c = self.candidates(batch)
         terms = self.loss.terms(c)
         loss = sum(terms.values())
+        self._check_finite(c, terms, batch_idx)
         bs = len(c)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in terms.items():
             self.log(f"train/loss/{name}", value, batch_size=bs)
         return loss
 
+    def _check_finite(self, c: Candidates, terms: dict[str, Tensor], batch_idx: int) -> None:
+        """Stop before training on a non-finite teacher score or loss term (one host sync per step).
+
+        Raises :class:`~kdir.errors.NonFiniteError` naming the step and the teacher or the loss terms; it ends the
+        run before anything (test results, metrics, the exported student) is written.
+        """
+        checks = [(~torch.isfinite(v.detach())).sum() for v in terms.values()]
+        if self.signal is not None and c.teacher is not None:
+            checks.append(self.signal.nonfinite(c.teacher))
+        bad = torch.stack(checks).tolist()
+        if not any(bad):
+            return
+        where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if len(bad) > len(terms) and bad[-1]:
+            raise self.signal.nonfinite_error(c.teacher, where)
+        values = ", ".join(f"{name}={v.detach().float().mean().item():g}" for name, v in terms.items())
+        lr = self.trainer.optimizers[0].defaults.get("lr") if self.trainer.optimizers else None
+        hint = f" (e.g. optim.optimizer.lr={lr / 10:g})" if isinstance(lr, (int, float)) else ""
+        raise NonFiniteError(
+            f"{where}: the training loss is not finite ({values}); training stopped, no results written. "
+            f"If training diverged, lower the learning rate{hint}"
+        )
+
     def on_fit_start(self) -> None:
         # Hugging Face loads models in eval mode and Lightning keeps the modes it finds: train with dropout
         # (a frozen document tower stays in eval mode, see DualEncoder.train; the teacher signal is never trained)
+        # (the stream's epoch is set when each epoch starts: here a resumed run's loops are not restored yet)
         self.student.train()
-        self._set_epoch()
         if self.signal is not None:
             self.signal.to(self.device)
 
@@ -146,6 +172,31 @@ class DistillModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._set_epoch()
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save every rank's random generator states with the checkpoint (a collective: all ranks save)."""
+        checkpoint["rng_states"] = gathered_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore this rank's generator states where the interrupted run stood when it saved them.
+
+        Saved at the end of an epoch, they are restored now: the loader of the next epoch draws its seed from torch's
+        generator before the first step, in the resumed run as in the uninterrupted one. Saved mid-epoch, they are
+        restored right before the resumed run's first step (:meth:`on_train_batch_start`): whatever the resumed run
+        draws while it sets itself up (its loader's seed) does not count.
+        """
+        states = checkpoint.get("rng_states") or []
+        self._rng_to_restore = states[self.global_rank] if self.global_rank < len(states) else None
+        stream = checkpoint.get(DistillDataModule.__qualname__) or {}
+        if self._rng_to_restore is not None and stream.get("steps_done") == 0 and self.trainer.state.fn == "fit":
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_train_batch_start(self, batch: TrainBatch, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # a mid-epoch checkpoint's states, right before the first step
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def _set_epoch(self) -> None:
         dm = self.trainer.datamodule

@@ -2,8 +2,8 @@
 step) or ``fill`` (serve the cache, compute only the missing pairs, write them back).
 
 Pairs are keyed by hashed (query id, document id) (``kdir.stores.keys``), so a store serves any dataset
-whose ids it was scored on. Reading a store whose recorded teacher does not match the configured one is
-an error unless ``force=True``.
+whose ids it was scored on. Reading a store whose recorded teacher (class, scoring settings, weights) does
+not match the configured one, or an imported store with a teacher model, is an error unless ``force=True``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from kdir.data.batch import TeacherFill, TrainBatch
-from kdir.errors import ConfigError, KdirError, MissingFileError
-from kdir.stores import ScoreStore, id_hashes, pair_keys
+from kdir.errors import ConfigError, KdirError, MissingFileError, NonFiniteError, OutputExistsError
+from kdir.stores import ScoreStore, id_hashes, import_differences, pair_keys, sibling_store, teacher_differences
 
 if TYPE_CHECKING:
     from kdir.data.dataset import IRDataset
@@ -39,8 +39,15 @@ def force_positive_max(scores: Tensor, positive: Tensor) -> Tensor:
     row maximum (CollectiveKD, Kim et al. 2022, §3: T̃(q_i, P_i) = max_d T(q_i, d))."""
     rows = torch.nonzero(positive >= 0).squeeze(1)
     out = scores.clone()
-    out[rows, positive[rows]] = scores[rows].nan_to_num(float("-inf")).max(dim=1).values
+    best = scores[rows].nan_to_num(float("-inf")).max(dim=1).values
+    own = scores[rows, positive[rows]]
+    out[rows, positive[rows]] = torch.where(best.isneginf(), own, best)  # a row of missing pairs stays missing
     return out
+
+
+def _is_import(meta: dict) -> bool:
+    """Whether a store's meta says it was imported from a score file (finished or, before import records, not)."""
+    return meta.get("imported") is not None or str(meta.get("teacher", {}).get("name", "")).startswith("imported:")
 
 
 class TeacherSignal:
@@ -51,10 +58,12 @@ class TeacherSignal:
         store: score-store folder (``cached`` / ``fill``); created by ``fill`` or by ``import_file``.
         model: the teacher (``online`` / ``fill``; in ``cached`` mode only used to check provenance).
         import_file: a ``qid pid score`` TSV, Hofstätter TSV or JSONL imported into ``store`` when the store
-            does not exist yet.
+            does not exist yet (or an earlier import did not finish): built aside and published complete
+            (:meth:`~kdir.stores.ScoreStore.import_new`).
         import_format: ``pairs``, ``margin_scores`` or ``jsonl``.
-        force: accept a store whose recorded teacher differs from ``model``; in ``cached`` mode also
-            accept missing pairs (they are masked out of the loss).
+        force: accept a store whose recorded teacher (class, scoring settings, weights) differs from ``model``,
+            or an imported store with a ``model``; in ``cached`` mode also accept missing pairs (they are masked
+            out of the loss; a batch with no cached pair at all is still an error).
         flush_every: ``fill`` writes the newly computed pairs to the store in segments of this size.
         force_positive_max: set the teacher score of each query's labelled positive to the maximum of its row
             (CollectiveKD: the expanded teacher's drift cannot rank another passage above the gold one).
@@ -88,56 +97,101 @@ class TeacherSignal:
         self._n_pending = 0
         self._prepare = model.preparer() if model is not None else None
         self._query_keys = model is not None and model.uses_query_keys
+        self._has_model = model is not None  # also known to dataloader workers (which get no model)
+        self._provenance: dict | None = None
 
     def __getstate__(self) -> dict:
         """Dataloader workers get the tokenisation and the store, not the teacher's weights."""
         return self.__dict__ | {"model": None}
 
     def bind(self, dataset: IRDataset) -> TeacherSignal:
-        """Hash the dataset's ids and open (or create / import) the store, checking its provenance."""
+        """Hash the dataset's ids and open (or import / create) the store, checking its provenance.
+
+        With ``import_file`` the store is that file's finished import: imported (atomically) when there is none
+        or when an earlier import did not finish; a store imported from another or a changed file is an error.
+        """
         self.q_hash, self.d_hash = id_hashes(dataset.queries.ids), id_hashes(dataset.corpus.ids)
         if self.model is not None:
             self.model.freeze()
         if self.store_path is None:
             return self
-        if not (self.store_path / "meta.json").is_file():
-            if self.import_file is not None:
-                self.store = ScoreStore.create(
-                    self.store_path,
-                    {
-                        "teacher": {"name": f"imported:{self.import_file}"},
-                        "data": {"imported_from": str(self.import_file)},
-                    },
-                )
-                log.info("importing %s into score store %s", self.import_file, self.store_path)
-                if self.import_format == "jsonl":
-                    self.store.import_jsonl(self.import_file)
-                else:
-                    self.store.import_tsv(self.import_file, format=self.import_format)
-            elif self.mode == "fill":
-                self.store = ScoreStore.create(self.store_path, {"teacher": teacher_meta(self.model), "data": {}})
-            else:
-                raise MissingFileError(
-                    f"{self.store_path}: no score store (score it with `python -m kdir.score`, "
-                    "or set signal.import_file=..., or signal=fill)"
-                )
-        else:
+        if self.import_file is not None:
+            self.store = self._imported_store()
+        elif (self.store_path / "meta.json").is_file():
             self.store = ScoreStore.open(self.store_path)
+        elif self.mode == "fill":
+            self.store = ScoreStore.create(self.store_path, {"teacher": self._teacher(), "data": {}})
+        else:
+            raise MissingFileError(
+                f"{self.store_path}: no score store (score it with `python -m kdir.score`, "
+                "or set signal.import_file=..., or signal=fill)"
+            )
         self._check_provenance()
         return self
 
+    def _teacher(self) -> dict:
+        """The configured teacher's provenance (computed once: it hashes the weights)."""
+        if self._provenance is None:
+            self._provenance = teacher_meta(self.model)
+        return self._provenance
+
+    def _imported_store(self) -> ScoreStore:
+        """The finished import of ``import_file`` at ``store_path``, importing it if needed."""
+        path, source = self.store_path, Path(self.import_file)
+        replace = False
+        if (path / "meta.json").is_file():
+            store = ScoreStore.open(path)
+            meta = store.meta
+            record = meta.get("imported")
+            if record is None and not _is_import(meta):
+                log.info("%s holds scored pairs, not an import: signal.import_file=%s is not used", path, source)
+                return store
+            if record is not None:
+                if not source.is_file():
+                    log.warning("%s: %s is gone; using the scores imported from it", path, source)
+                    return store
+                if not (differs := import_differences(record, source, self.import_format)):
+                    return store
+                st = source.stat()
+                new = sibling_store(path, [str(source.resolve()), st.st_size, st.st_mtime_ns, self.import_format])
+                raise OutputExistsError(
+                    f"{path} holds another import ({'; '.join(differs)}): set "
+                    f"signal.store={new} to import {source} there, or delete {path} to import it again"
+                )
+            log.warning("%s: an earlier import of %s did not finish; importing it again", path, source)
+            replace = True
+        if self.model is not None and not self.force and source.is_file():  # refuse before a long import
+            raise KdirError(self._imported_message({"file": str(source), "format": self.import_format}))
+        log.info("importing %s into score store %s", source, path)
+        return ScoreStore.import_new(path, source, self.import_format, replace=replace)
+
+    def _imported_message(self, record: dict) -> str:
+        size = f", {record['size']} bytes" if "size" in record else ""
+        return (
+            f"{self.store_path} holds scores imported from {record.get('file')} ({record.get('format')}{size}), "
+            f"not scores of the configured teacher {type(self.model).__name__}: set signal.force=true to use them "
+            "with it anyway (or choose teacher=scores: a score file, no model)"
+        )
+
     def _check_provenance(self) -> None:
-        recorded = self.store.meta.get("teacher", {})
-        if self.model is None or recorded.get("name", "").startswith("imported:"):
+        if self.model is None:  # a score-file teacher: nothing to compare
             return
-        if recorded.get("weights") != self.model.weights_hash():
+        meta = self.store.meta
+        if _is_import(meta):
+            msg = self._imported_message(meta.get("imported") or {"file": meta.get("data", {}).get("imported_from")})
+        else:
+            recorded = meta.get("teacher", {})
+            if not (differs := teacher_differences(recorded, self._teacher())):
+                return
+            new = sibling_store(self.store_path, self._teacher())
             msg = (
-                f"{self.store_path}: scored by teacher {recorded.get('name')} (weights {recorded.get('weights')}), "
-                f"but the configured teacher {type(self.model).__name__} has weights {self.model.weights_hash()}"
+                f"{self.store_path}: scored by teacher {recorded.get('name')}, which differs from the configured "
+                f"one ({'; '.join(differs)}); score this teacher into its own store (python -m kdir.score ... "
+                f"store={new}, then signal.store={new}), or set signal.force=true to use it anyway"
             )
-            if not self.force:
-                raise KdirError(msg + "; set signal.force=true to use it anyway")
-            log.warning("%s (forced)", msg)
+        if not self.force:
+            raise KdirError(msg)
+        log.warning("%s (forced)", msg)
 
     # ---------------------------------------------------------------- collate (dataloader workers)
     def collate(
@@ -169,12 +223,21 @@ class TeacherSignal:
             return out
         rows, cols = np.nonzero(missing)
         if self.mode == "cached":
+            example = f"(e.g. query row {rows[0]}, document {doc_texts[candidates[rows[0], cols[0]]][:60]!r})"
+            if self._has_model:
+                compute = "use signal=fill to compute them with the teacher"
+            else:
+                compute = "score them (python -m kdir.score) or import scores of this data (signal.import_file=...)"
+            if missing.all():
+                raise KdirError(
+                    f"none of the {missing.size} candidate pairs of a batch are in {self.store_path} {example}: "
+                    f"the store holds no scores of this training data; {compute} (signal.force=true would mask "
+                    "every pair and leave nothing to learn from)"
+                )
             if not self.force:
                 raise KdirError(
                     f"{int(missing.sum())} of {missing.size} candidate pairs of a batch are not in "
-                    f"{self.store_path} (e.g. query row {rows[0]}, document "
-                    f"{doc_texts[candidates[rows[0], cols[0]]][:60]!r}); "
-                    "use signal=fill to compute them, or signal.force=true to mask them"
+                    f"{self.store_path} {example}; {compute}, or set signal.force=true to mask them"
                 )
             return out
         inputs = self._prepare([query_texts[r] for r in rows], doc_texts, candidates[rows, cols][:, None])
@@ -210,6 +273,24 @@ class TeacherSignal:
             )
         return self.model.embed(batch.teacher_inputs)
 
+    def nonfinite(self, scores: Tensor) -> Tensor:
+        """0-d count of the unusable entries of teacher ``scores``: ±inf, and NaN except in ``cached`` mode (there
+        NaN is a pair missing from the store, masked out of the loss). No host sync: the caller checks the count."""
+        return (scores.isinf() if self.mode == "cached" else ~scores.isfinite()).sum()
+
+    def nonfinite_error(self, scores: Tensor, where: str) -> NonFiniteError:
+        """The error for teacher ``scores`` with unusable entries, naming ``where`` (the step) and the teacher."""
+        bad = torch.nonzero(scores.isinf() if self.mode == "cached" else ~scores.isfinite())
+        row, col = bad[0].tolist()
+        if self.mode == "cached":
+            teacher = f"score store {self.store_path} (it holds non-finite scores: import or score it again)"
+        else:
+            teacher = f"the {self.mode} teacher {type(self.model).__name__}"
+        return NonFiniteError(
+            f"{where}: {len(bad)} of {scores.numel()} teacher scores are not finite (e.g. {scores[row, col].item()} "
+            f"at query row {row}, candidate {col}), from {teacher}; training stopped, no results written"
+        )
+
     def _labels(self, scores: Tensor, batch: TrainBatch) -> Tensor:
         if not self.force_positive_max:
             return scores
@@ -224,8 +305,10 @@ class TeacherSignal:
             new = self.model(fill.inputs).float()[:, 0]
             scores = scores.clone()
             scores[fill.rows, fill.cols] = new
-            self._pending.append((fill.keys.cpu().numpy().view(np.uint64), new.cpu().numpy()))
-            self._n_pending += len(new)
+            keys, values = fill.keys.cpu().numpy().view(np.uint64), new.cpu().numpy()
+            finite = np.isfinite(values)  # a non-finite score is never stored (the training step stops on it)
+            self._pending.append((keys[finite], values[finite]))
+            self._n_pending += int(finite.sum())
             if self._n_pending >= self.flush_every:
                 self.flush()
         return scores

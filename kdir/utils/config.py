@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,21 @@ def _wandb_offline() -> bool:
     return not has_key
 
 
+def _run_uid() -> str:
+    """6 random hex digits: with the time, a run folder name no other run takes (also on a shared file system)."""
+    return secrets.token_hex(3)
+
+
 def register_resolvers() -> None:
-    """``${quickstart:data|model}``, ``${pypi_model:package,hub_name}``, ``${wandb_offline:}``."""
+    """``${quickstart:data|model}``, ``${pypi_model:package,hub_name}``, ``${wandb_offline:}``, ``${run_uid:}``.
+
+    ``${run_uid:}`` is cached: one value per composed config (and per multirun, whose jobs share its cache).
+    """
     for name, fn in (("quickstart", _quickstart), ("pypi_model", _pypi_model), ("wandb_offline", _wandb_offline)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    if not OmegaConf.has_resolver("run_uid"):
+        OmegaConf.register_new_resolver("run_uid", _run_uid, use_cache=True)
 
 
 def resolve_device(device: str | None) -> str:
