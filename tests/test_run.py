@@ -167,3 +167,23 @@ def test_ddp_gather_across_devices_trains_with_the_global_in_batch_pool(tmp_path
     assert metrics["trained"]["nDCG@10"] > 0.05
     r = run_cli("kdir.run", "gather_across_devices=true", "debug=fast", f"hydra.run.dir={tmp_path / 'pairwise'}")
     assert r.returncode != 0 and "gather_across_devices needs the inbatch layout" in r.stderr + r.stdout
+
+
+def test_headline_command_runs_as_typed_on_the_quickstart(tmp_path, quickstart):
+    """``python -m kdir.run teacher=colbert loss=margin_mse``: the quickstart trains its ColBERT teacher once (a real
+    teacher there), scores online, and the student beats its untrained self."""
+    assert run_command("kdir.run", "teacher=colbert", "loss=margin_mse", f"hydra.run.dir={tmp_path}") == 0
+    results = _metrics(tmp_path)
+    assert results["trained"]["nDCG@10"] > results["untrained"]["nDCG@10"] + 0.3, results
+    teacher = Path(quickstart["data"]).parent / "teachers" / "colbert"
+    assert (teacher / "kdir_model.json").is_file()
+    assert str(teacher) in (tmp_path / "config.yaml").read_text()
+
+
+def test_a_model_teacher_on_other_data_names_the_setting_to_fill_in(tmp_path):
+    r = run_cli(
+        "kdir.run", "teacher=colbert", "loss=margin_mse", "data=scifact", "eval=scifact", f"hydra.run.dir={tmp_path}"
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ": error: " in ln]
+    assert len(errors) == 1 and "set teacher.path=" in errors[0] and "Traceback" not in r.stderr

@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdir.errors import ConfigError
+
 log = logging.getLogger("kdir")
 
 
@@ -18,6 +20,18 @@ def _quickstart(what: str = "data") -> str:
     from kdir.data.quickstart import ensure
 
     return ensure(what)
+
+
+def _quickstart_teacher(kind: str, *, _root_: DictConfig) -> str:
+    """The quickstart's own ``kind`` teacher when the run trains on the quickstart; else the setting to fill in."""
+    if "quickstart" not in (_root_.get("datasets") or {}):
+        raise ConfigError(
+            f"teacher.path: no teacher folder given (only the offline quickstart builds its own {kind} teacher): "
+            "set teacher.path=<a kdir or published folder>"
+        )
+    from kdir.training.quickstart_teachers import ensure_teacher
+
+    return ensure_teacher(kind)
 
 
 def _pypi_model(package: str, hub_name: str) -> str:
@@ -43,11 +57,18 @@ def _run_uid() -> str:
 
 
 def register_resolvers() -> None:
-    """``${quickstart:data|model}``, ``${pypi_model:package,hub_name}``, ``${wandb_offline:}``, ``${run_uid:}``.
+    """``${quickstart:data|model}``, ``${quickstart_teacher:colbert}``, ``${pypi_model:package,hub_name}``,
+    ``${wandb_offline:}``, ``${run_uid:}``.
 
     ``${run_uid:}`` is cached: one value per composed config (and per multirun, whose jobs share its cache).
     """
-    for name, fn in (("quickstart", _quickstart), ("pypi_model", _pypi_model), ("wandb_offline", _wandb_offline)):
+    resolvers = (
+        ("quickstart", _quickstart),
+        ("quickstart_teacher", _quickstart_teacher),
+        ("pypi_model", _pypi_model),
+        ("wandb_offline", _wandb_offline),
+    )
+    for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     if not OmegaConf.has_resolver("run_uid"):

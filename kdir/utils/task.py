@@ -44,16 +44,22 @@ def user_error(exc: BaseException) -> str | None:
 
     User errors are :class:`~kdir.errors.KdirError` and unset mandatory values (``???``). Hydra wraps what
     a constructor raises in an ``InstantiationException``: the wrapped error counts, and its message is
-    prefixed with the config node it came from (``data.train: ...``).
+    prefixed with the config node it came from (``data.train: ...``). A resolver's ``KdirError`` (e.g. a teacher
+    folder only the quickstart fills in) is unwrapped from OmegaConf's ``InterpolationResolutionError`` too.
     """
     from hydra.errors import InstantiationException
-    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+    from omegaconf.errors import InterpolationResolutionError, InterpolationToMissingValueError, MissingMandatoryValue
 
     node = None
-    while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
-        if m := _FULL_KEY.search(str(exc)):
-            node = m[1]
-        exc = exc.__cause__
+    while True:  # a constructor's or a resolver's error, wrapped by Hydra / OmegaConf
+        if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+            if m := _FULL_KEY.search(str(exc)):
+                node = m[1]
+            exc = exc.__cause__
+        elif isinstance(exc, InterpolationResolutionError) and isinstance(exc.__context__, KdirError):
+            exc = exc.__context__  # OmegaConf re-raises a resolver's error without chaining it as the cause
+        else:
+            break
     if isinstance(exc, (MissingMandatoryValue, InterpolationToMissingValueError)):
         key = exc.full_key or node
         unset = m[1] if (m := _UNSET.search(str(exc))) else key or "a setting"  # an interpolation names it
