@@ -23,7 +23,7 @@ from kdir.data.dataset import IRDataset
 from kdir.errors import KdirError
 from kdir.retrieval.evaluators import RetrievalEvaluator
 from kdir.retrieval.metrics import positive_share, write_trec_run
-from kdir.utils import instantiate_model, print_metrics, resolve_device, save_json, task_wrapper
+from kdir.utils import print_metrics, resolve_device, save_json, task_wrapper
 
 log = logging.getLogger("kdir.mine")
 
@@ -43,7 +43,7 @@ def mine(cfg: DictConfig) -> dict[str, float]:
         batch_size=cfg.batch_size,
     )
     device = resolve_device(cfg.device)
-    encoder = instantiate_model(cfg.student, "student").to(device)
+    encoder = instantiate(cfg.student).to(device)
     if cfg.depth > len(dataset.corpus):
         log.warning(
             "depth=%d exceeds the corpus (%d documents): every document is kept", cfg.depth, len(dataset.corpus)

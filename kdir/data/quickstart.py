@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from kdir.errors import ConfigError
-from kdir.utils.io import temp_path
+from kdir.utils.io import build_folder
 
 VERSION = "quickstart-v3"
 N_TOPICS, N_ENTITIES, N_DOCS = 40, 80, 2000
@@ -154,22 +153,16 @@ def _build_bert(out: Path, vocab_size: int, hidden: int, layers: int) -> None:
     BertModel(config, add_pooling_layer=False).save_pretrained(out)
 
 
+def _build(folder: Path) -> None:
+    folder.mkdir()
+    build_model(folder / "model", build_data(folder / "data"))
+
+
 def ensure(what: str = "data") -> str:
     """Path of the quickstart ``data`` or ``model`` folder, building both (once, atomically) if missing."""
     root = cache_root() / VERSION
     if not (root / "data").is_dir() or not (root / "model").is_dir():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path(root)
-        tmp.mkdir()
-        try:
-            vocab = build_data(tmp / "data")
-            build_model(tmp / "model", vocab)
-            try:
-                os.rename(tmp, root)
-            except OSError:  # another process won the race
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # left only if the build failed or lost the race
+        build_folder(root, _build)
     if what not in ("data", "model"):
         raise ConfigError(f"quickstart asset must be 'data' or 'model', got {what!r}")
     return str(root / what)

@@ -34,7 +34,9 @@ def loading(name_or_path: str | Path) -> Iterator[None]:
         raise MissingFileError(f"{path}: no such model folder (expected a kdir or Hugging Face model folder)")
     try:
         yield
-    except OSError as e:  # transformers: no such folder, no config.json / weights, not on the hub (offline)
+    except KdirError:
+        raise
+    except (OSError, ValueError) as e:  # transformers: no config.json / weights, not on the hub, not a model folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MissingFileError(f"{name_or_path}: cannot load a Hugging Face model or tokenizer ({first})") from None
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from kdir.errors import ConfigError
-from kdir.utils.io import temp_path
+from kdir.utils.io import build_folder
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +66,12 @@ def ensure_teacher(kind: str) -> str:
     folder = data.parent / "teachers" / kind
     if (folder / "kdir_model.json").is_file():
         return str(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(folder)
     log.info("training the quickstart's %s teacher once (cached in %s)", kind, folder)
-    with torch.random.fork_rng(devices=[]):  # the caller's seeded run draws as if nothing happened
-        torch.manual_seed(0)
-        _train_colbert(tmp, data, model)
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process published it first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / "kdir_model.json").is_file():
-            raise
+
+    def build(tmp: Path) -> None:
+        with torch.random.fork_rng(devices=[]):  # the caller's seeded run draws as if nothing happened
+            torch.manual_seed(0)
+            _train_colbert(tmp, data, model)
+
+    build_folder(folder, build)
     return str(folder)

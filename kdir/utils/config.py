@@ -96,28 +96,3 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
             log.info("instantiating %s <%s>", name, node._target_)
             out.append(instantiate(node))
     return out
-
-
-def instantiate_model(node: DictConfig, what: str = "student") -> Any:
-    """Instantiate a model node; a folder or hub name that cannot be loaded is a :class:`KdirError` naming it.
-
-    A missing local folder is a :class:`~kdir.errors.MissingFileError`; a loader's ``OSError`` / ``ValueError``
-    (no such hub model, not a model folder) a :class:`~kdir.errors.ConfigError`. Anything else propagates as it
-    is: a :class:`KdirError` from the constructor (still wrapped by Hydra, so the task wrapper names the node),
-    or a bug.
-    """
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    from kdir.errors import ConfigError, KdirError, MissingFileError
-
-    path = str(node.get("path") or node.get("model_name_or_path"))
-    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
-        raise MissingFileError(f"{path}: no such {what} folder (expected an exported kdir model or an HF encoder)")
-    try:
-        return instantiate(node)
-    except InstantiationException as e:  # Hydra wraps what the constructor raised
-        cause = e.__cause__
-        if isinstance(cause, (OSError, ValueError)) and not isinstance(cause, KdirError):
-            raise ConfigError(f"cannot load the {what} from {path}: {type(cause).__name__}: {cause}") from None
-        raise  # a KdirError stays wrapped: the task wrapper names the config node it came from

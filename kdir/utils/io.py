@@ -4,13 +4,14 @@ Every writer stages its bytes in a temporary file next to the destination (:func
 per-process unique name in the same folder, so ``os.replace`` is a rename on one file system), flushes
 and fsyncs it, and publishes it with ``os.replace``. On an error the temporary file is removed. Folders
 that must appear complete (stores, the quickstart) are staged under a :func:`temp_path` name too and
-renamed into place by their owners.
+renamed into place (:func:`build_folder` for folders built once).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +21,7 @@ from uuid import uuid4
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["atomic_write", "save_json", "save_npy", "save_text", "stage_file", "temp_path"]
+__all__ = ["atomic_write", "build_folder", "save_json", "save_npy", "save_text", "stage_file", "temp_path"]
 
 
 def temp_path(path: str | Path) -> Path:
@@ -91,3 +92,22 @@ def save_npy(arr: np.ndarray, path: str | Path) -> Path:
     with atomic_write(path, "wb") as f:
         np.save(f, arr, allow_pickle=False)
     return Path(path)
+
+
+def build_folder(path: str | Path, build: Callable[[Path], Any]) -> Path:
+    """Build the folder ``path`` once, atomically: ``build(tmp)`` fills a :func:`temp_path` sibling, which is then
+    renamed to ``path``. If another process published ``path`` first, its folder is kept. The temporary folder
+    never outlives the call (a failed build leaves nothing behind)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process won the race
+            if not path.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
