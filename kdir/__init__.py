@@ -1,6 +1,7 @@
 """kdir: knowledge distillation into dense retrievers (Hydra + PyTorch Lightning + FAISS + ir-measures).
 
-The package root holds the commands (``python -m kdir.<command>``), each a Hydra app of glue only:
+The package root holds the commands (``python -m kdir.<command>``), each glue only (Hydra apps, but ``report``,
+which reads finished folders):
 
 ==================== ==========================================================================
 ``run``              distil a student from a teacher signal (the default: the offline quickstart)
@@ -11,11 +12,13 @@ The package root holds the commands (``python -m kdir.<command>``), each a Hydra
 ``mine``             hard negatives from a student's own index
 ``expand``           CollectiveKD's PRF collective knowledge into an expansion store
 ``generate_queries`` EmbedDistill's unlabelled generated queries
+``store``            score stores from the shell: info, verify, import, export, merge
+``report``           plots and result tables (mean ± std over seeds) of runs and sweeps
 ==================== ==========================================================================
 
 The library lives in role-named subpackages, each importing only the layers below it:
 ``errors`` / ``utils.io`` / ``utils.report`` → ``data`` → ``stores`` → ``models`` → ``losses`` → ``retrieval``
-→ ``training`` → ``utils.config`` / ``utils.settings`` / ``utils.task`` → the commands.
+→ ``training`` → ``utils.config`` / ``utils.settings`` / ``utils.task`` / ``utils.plots`` → the commands.
 """
 
 from __future__ import annotations

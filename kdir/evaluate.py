@@ -1,7 +1,9 @@
 """Retrieval evaluation: ``python -m kdir.evaluate student=<option> eval=<option> [split=test]``.
 
 Encode the corpus and queries, FAISS top-k (exact inner product unless ``eval.<split>.index_factory``
-says otherwise), write a TREC run, score it with ir-measures, print a table, save ``metrics.json``.
+says otherwise; ``eval.<split>.nprobe`` / ``ef_search`` tune IVF / HNSW search; ``eval.<split>.index_path`` saves the
+corpus index and reuses it, without encoding the corpus, for the same model and corpus), write a TREC run, score it
+with ir-measures, print a table, save ``metrics.json``. A bad index setting stops before anything is encoded.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import kdir  # noqa: F401  (registers config resolvers)
-from kdir.errors import KdirError
+from kdir.errors import ConfigError, KdirError
 from kdir.retrieval.metrics import write_trec_run
 from kdir.utils import print_metrics, resolve_device, save_json, task_wrapper
 
@@ -37,6 +39,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         len(evaluator.dataset.corpus),
         device,
     )
+    try:  # the index settings, before anything is encoded
+        if hasattr(evaluator, "check_model"):
+            evaluator.check_model(encoder, device)
+    except ConfigError as e:
+        raise ConfigError(f"eval.{cfg.split}.{e}") from None
     start = time.perf_counter()
     with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
         metrics, run = evaluator.evaluate(encoder, device=device)

@@ -1,10 +1,11 @@
 """Hard-negative mining: ``python -m kdir.mine student=<option> data=<training data> [depth=200] [out=<run.trec>]``.
 
 Encode the training split's queries and the corpus with the student, search with FAISS (``index_factory``,
-exact inner product by default) and write each training query's top-``depth`` TREC run. Labelled positives
-are kept in the run (TCT-ColBERT's HN mining does not filter them); ``RunNegatives(exclude_positives=...)``
-decides at training time. Also scores the run on the training qrels (``R@depth``: how many labelled
-positives the student already ranks within the pool) and saves ``metrics.json``.
+exact inner product by default; ``nprobe`` / ``ef_search`` for IVF / HNSW indexes; ``index_path`` saves the corpus
+index and reuses it for the same student and corpus) and write each training query's top-``depth`` TREC run.
+Labelled positives are kept in the run (TCT-ColBERT's HN mining does not filter them);
+``RunNegatives(exclude_positives=...)`` decides at training time. Also scores the run on the training qrels
+(``R@depth``: how many labelled positives the student already ranks within the pool) and saves ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def mine(cfg: DictConfig) -> dict[str, float]:
         index_factory=cfg.index_factory,
         use_gpu=cfg.use_gpu,
         batch_size=cfg.batch_size,
+        nprobe=cfg.nprobe,
+        ef_search=cfg.ef_search,
+        index_path=cfg.index_path,
     )
     device = resolve_device(cfg.device)
     encoder = instantiate(cfg.student).to(device)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
@@ -36,6 +37,8 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
 
     log.info("student <%s>", cfg.student._target_)
     student = instantiate(cfg.student)
+    if cfg.get("gradient_checkpointing"):
+        student.gradient_checkpointing_enable()
     loss = instantiate(cfg.loss)
     log.info("loss %r", loss)
     signal = None
@@ -85,6 +88,9 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if cfg.eval_untrained and test is not None and trainer.is_global_zero:
         log.info("evaluating the untrained student on %s", test.dataset.name)
         results["untrained"], _ = test.evaluate(student, device=module.device, progress=False)
+        if ckpt_path is None:  # step 0 of the test curve (a resumed run has logged it already)
+            for lg in loggers:
+                lg.log_metrics({f"test/{k}": v for k, v in results["untrained"].items()}, step=0)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.best_model_path), None)
@@ -101,11 +107,51 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
             lg.experiment.finish()
     if trainer.is_global_zero:
         if cfg.export_student and not trainer.fast_dev_run:
-            student.save_pretrained(out / "student")
-            log.info("student exported to %s (AutoModel.from_pretrained works on it)", out / "student")
+            _export(cfg, student, out / "student", results, trainer.global_step)
         _report(results, test, out, best)
     _leave_process_group()
     return results
+
+
+def _export(cfg: DictConfig, student, folder: Path, results: dict, steps: int) -> None:
+    """The student as a Hugging Face / sentence-transformers folder with its model card; pushed to the hub when
+    ``push_to_hub=<repo id>`` (``huggingface_hub``'s ``upload_folder``; needs a token)."""
+    from kdir.models.st_format import write_model_card
+
+    student.save_pretrained(folder)
+    if (folder / "modules.json").is_file():  # dual encoders (a ColBERT is no sentence-transformers model)
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        teacher = cfg.get("teacher") or {}
+        write_model_card(
+            folder,
+            {
+                "name": cfg.run_name,
+                "model_id": cfg.get("push_to_hub"),
+                "base_model": str(cfg.student.get("model_name_or_path") or cfg.student.get("path") or ""),
+                "teacher": _teacher_text(choices.get("teacher", ""), teacher, cfg.get("signal")),
+                "loss": f"{choices.get('loss', '')} ({cfg.loss._target_})",
+                "data": str(OmegaConf.select(cfg, "data.train.name", default="")),
+                "steps": steps,
+                "metrics": results,
+            },
+        )
+    log.info("student exported to %s (SentenceTransformer(path) and AutoModel.from_pretrained load it)", folder)
+    if cfg.get("push_to_hub"):
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(cfg.push_to_hub, exist_ok=True)
+        api.upload_folder(folder_path=folder, repo_id=cfg.push_to_hub, commit_message=f"kdir: {cfg.run_name}")
+        log.info("student pushed to https://huggingface.co/%s", cfg.push_to_hub)
+
+
+def _teacher_text(choice: str, teacher, signal) -> str:
+    """The teacher, as the model card says it: the option and its folder, class or score store."""
+    if teacher:
+        return f"{choice} ({teacher.get('path') or teacher.get('_target_')})"
+    if signal and signal.get("store"):
+        return f"{choice} (scores of {signal.store})"
+    return "none (hard labels)"
 
 
 def _leave_process_group() -> None:

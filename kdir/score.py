@@ -6,7 +6,8 @@ fixed chunks; chunk ``k`` is scored by rank ``k mod world_size``, which scores o
 (:mod:`kdir.stores.scoring`). A killed job restarted with the same arguments resumes where it stopped; a run
 over another pair set adds just the new pairs; any number of processes gives the same store. The job ends
 with every requested pair in the store (else an error) and, with ``verify=true``, every segment re-hashed
-against its checksums. A store of another teacher, or of the same weights with other scoring settings, is
+against its checksums. ``meta["scoring"]`` records the job (its pairs, start, finish): ``python -m kdir.store verify``
+reports a job that did not finish. A store of another teacher, or of the same weights with other scoring settings, is
 refused. Processes are launched by Lightning Fabric (``devices=N``).
 """
 
@@ -17,6 +18,7 @@ import logging
 from pathlib import Path
 
 import hydra
+import numpy as np
 from hydra.utils import instantiate
 from lightning_fabric import Fabric
 from omegaconf import DictConfig
@@ -47,6 +49,7 @@ def score(cfg: DictConfig) -> Path:
     data = {
         "dataset": dataset.name,
         "pairs": len(pairs),
+        "queries": len(np.unique(pairs[:, 0])),
         "source": cfg.run_file or "training examples",
         "depth": cfg.depth if cfg.run_file else None,
     }
@@ -56,6 +59,10 @@ def score(cfg: DictConfig) -> Path:
     fabric.barrier()
     store = ScoreStore.open(path)
     _check_teacher(store, teacher)
+    started = dt.datetime.now().isoformat(timespec="seconds")
+    if fabric.is_global_zero:  # `python -m kdir.store verify` reports a job that never set `finished`
+        store.update_meta(scoring={"data": data, "started": started, "finished": None})
+    fabric.barrier()
     log.info(
         "rank %d/%d: %d pairs in chunks of %d -> %s",
         fabric.global_rank,
@@ -87,7 +94,9 @@ def score(cfg: DictConfig) -> Path:
                 if report["without_checksums"]
                 else "",
             )
-        store.update_meta(count=len(store), data=data, finished=dt.datetime.now().isoformat(timespec="seconds"))
+        finished = dt.datetime.now().isoformat(timespec="seconds")
+        job = {"data": data, "started": started, "finished": finished}
+        store.update_meta(count=len(store), data=data, finished=finished, scoring=job)
         log.info("score store %s: %d pairs, all %d requested pairs present", path, len(store), len(pairs))
     fabric.barrier()
     return path

@@ -58,16 +58,17 @@ def beir_dir(tmp_path) -> Path:
     return root
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300):
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300, env: dict[str, str] | None = None):
     """Run ``python -m <args>`` in a subprocess with the test environment; returns CompletedProcess.
 
     ``tests/`` is on the path too, so a config may point ``_target_`` at a class of a test module. The command
     runs in a session of its own: past ``timeout`` it is killed with every process it started (DDP ranks).
+    ``env`` adds to (or overrides) the test environment.
     """
     import signal
     import subprocess
 
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])} | (env or {})
     cmd = [sys.executable, "-m", *args]
     with subprocess.Popen(
         cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True

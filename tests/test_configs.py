@@ -41,15 +41,15 @@ def _choices(name: str, overrides: list[str]) -> dict[str, str | None]:
 
 def _resolved(node: DictConfig | ListConfig) -> None:
     """Resolve every value: an interpolation to a key that does not exist, or a failing resolver, raises; mandatory
-    ``???`` values (and strings built from them) are left to the user, and so is a model teacher's folder off the
-    quickstart (``${quickstart_teacher:...}`` then asks for ``teacher.path``)."""
+    ``???`` values (and strings built from them) are left to the user, and so are a model teacher's folder, expansion
+    and store off the quickstart (the ``${quickstart_...}`` resolvers then ask for them)."""
     for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
         try:
             value = node[key]
         except (MissingMandatoryValue, InterpolationToMissingValueError):
             continue
         except InterpolationResolutionError as e:
-            if "set teacher.path=" not in str(e):
+            if not any(f"set {key}=" in str(e) for key in ("teacher.path", "teacher.expansion", "signal.store")):
                 raise
             continue
         if isinstance(value, (DictConfig, ListConfig)):
@@ -159,7 +159,7 @@ def test_the_signal_is_swapped_on_the_command_line(tmp_path):
     assert cfg.signal.mode == "cached" and cfg.signal.store == "/s" and cfg.teacher.similarity == "cosine"
     cfg = compose_cfg(tmp_path, ["teacher=cross_encoder", "signal=online"])
     assert cfg.signal.mode == "online" and cfg.signal.store is None  # no stale store path for an online teacher
-    cfg = compose_cfg(tmp_path, ["teacher=cross_encoder", "signal=fill"])
+    cfg = compose_cfg(tmp_path, ["teacher=cross_encoder", "signal=fill", "data=scifact"])
     assert cfg.signal.store == str(tmp_path / ".." / "teacher_scores" / "cross_encoder.store")
     for teacher in ("quickstart", "cross_encoder", "colbert"):
         assert compose_cfg(tmp_path, [f"teacher={teacher}", "signal=none"]).signal is None
@@ -170,7 +170,7 @@ def test_the_signal_is_swapped_on_the_command_line(tmp_path):
 
 
 def test_score_reads_the_teachers_store(tmp_path):
-    cfg = compose_cfg(tmp_path, ["teacher=cross_encoder"], name="score")
+    cfg = compose_cfg(tmp_path, ["teacher=cross_encoder", "data=scifact", "teacher.path=/t"], name="score")
     assert cfg.store == str(tmp_path / ".." / "teacher_scores" / "cross_encoder.store")
     assert compose_cfg(tmp_path, ["teacher=colbert", "signal=cached", "signal.store=/s"], name="score").store == "/s"
 

@@ -9,7 +9,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "kdir"
-COMMANDS = {"run", "evaluate", "evaluate_teacher", "train_teacher", "score", "mine", "expand", "generate_queries"}
+COMMANDS = {
+    "run",
+    "evaluate",
+    "evaluate_teacher",
+    "train_teacher",
+    "score",
+    "mine",
+    "expand",
+    "generate_queries",
+    "store",
+    "report",
+}
 # bottom up: a module may import its own layer and the layers below it (TYPE_CHECKING-only imports included)
 LAYERS = [
     {"kdir.errors", "kdir.utils.io", "kdir.utils.report"},

@@ -128,7 +128,7 @@ def test_embeddistill_recipe_keeps_the_document_tower_bit_identical(tmp_path, te
         f"teacher.path={teachers['bi_encoder']}",
         "student.pooling=mean",
         f"student.model_name_or_path={teachers['model']}",
-        *LENGTHS,
+        "student.query_max_length=16",  # the document side's length is the teacher's
         "optim.optimizer.lr=1e-3",
         f"data.generated={{_target_:kdir.data.generated.GeneratedQueries.from_tsv,path:'{gen}'}}",
         "data.generated_per_batch=4",
@@ -151,7 +151,7 @@ def test_embeddistill_symmetric_and_ce_recipes(tmp_path, teachers):
         f"teacher.path={teachers['bi_encoder']}",
         "student.pooling=mean",
         f"student.model_name_or_path={teachers['model']}",
-        *LENGTHS,
+        "student.query_max_length=16",  # the document side's length is the teacher's
         "trainer.limit_train_batches=5",
     )
     assert "nDCG@10" in m["trained"]
@@ -195,3 +195,38 @@ def test_recipes_compose_with_swapped_ingredients(tmp_path):
     assert cfg.loss._target_ == "kdir.losses.MarginMSE" and cfg.student.skip_tokens == 4
     assert cfg.teacher._target_.endswith("ColBERT.from_pretrained") and cfg.signal.mode == "online"
     assert np.isclose(cfg.optim.optimizer.lr, 7e-6)
+
+
+def test_tct_colbert_hnp_pipeline_runs_on_the_quickstart(tmp_path, quickstart):
+    """experiments/recipes/tct_colbert_hnp.sh end to end (every stage, a few batches each): the teacher is trained
+    as TCT's (teacher=tct_colbert, logits × 4 × batch), the mined run feeds stages 3 and 4."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "hnp"
+    quick = "optim.optimizer.lr=3e-3 optim.warmup=0 trainer.max_epochs=1 trainer.max_steps=-1 logger=none"
+    quick += " trainer.accumulate_grad_batches=1 trainer.limit_train_batches=4 data.num_workers=0"
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "OUT": str(out),
+        "DEPTH": "30",
+        "TEACHER_EVAL": "",
+        "EXTRA": quick,
+        "STUDENT_EXTRA": "eval_untrained=false trainer.precision=32-true",
+        "TEACHER_EXTRA": "teacher.query_max_length=16 teacher.doc_max_length=32",
+    }
+    script = ROOT / "experiments" / "recipes" / "tct_colbert_hnp.sh"
+    res = subprocess.run(["bash", str(script)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    settings = json.loads((out / "teacher_hnp" / "teacher" / "kdir_model.json").read_text())
+    assert settings["skip_prefix_tokens"] == 4 and settings["marker_as_text"] and not settings["add_sep"]
+    assert "batch_logit_scale: 4" in (out / "teacher" / "config.yaml").read_text()
+    assert (out / "hn.trec").is_file() and "nDCG@10" in json.loads((out / "student_hnp" / "metrics.json").read_text())[
+        "trained"
+    ]
+    assert "negatives.path" not in (out / "student" / "config.yaml").read_text()
+    assert str(out / "hn.trec") in (out / "student_hnp" / "config.yaml").read_text()

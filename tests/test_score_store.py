@@ -222,3 +222,35 @@ def test_concurrent_appenders_in_two_processes_keep_every_pair(store):
             np.testing.assert_array_equal(store.lookup(keys), values)
     names = sorted(p.name for p in (store.path / "segments").glob("*.keys.npy"))
     assert len(names) == 30 and len(store) == 6000
+
+
+def test_iter_pairs_streams_each_pair_once_and_write_sorted_publishes_one_segment(tmp_path, store):
+    rng = np.random.default_rng(5)
+    pool = rng.integers(0, 2**64, size=3000, dtype=np.uint64)
+    truth: dict[int, float] = {}
+    for _ in range(4):  # overlapping segments: the newest wins
+        keys = rng.choice(pool, size=900, replace=False)
+        values = rng.standard_normal(900).astype(np.float32)
+        store.append(keys, values)
+        truth.update(zip(keys.tolist(), values.tolist()))
+    chunks = list(store.iter_pairs(chunk_size=200))
+    assert len(chunks) >= 10  # one key range each
+    keys = np.concatenate([k for k, _ in chunks])
+    values = np.concatenate([v for _, v in chunks])
+    assert (keys[1:] > keys[:-1]).all() and keys.tolist() == sorted(truth)
+    np.testing.assert_array_equal(values, np.array([truth[k] for k in keys.tolist()], dtype=np.float32))
+    lo, hi = int(keys[100]), int(keys[200])
+    between = store.pairs_between(lo, hi)[0]
+    assert between.tolist() == keys[100:200].tolist()
+
+    copy = ScoreStore.create(tmp_path / "copy", META)
+    assert copy.write_sorted(iter(chunks), name="streamed").name == "seg-000001-streamed.keys.npy"
+    assert len(copy) == len(truth) and copy.meta["count"] == len(truth)
+    np.testing.assert_array_equal(copy.lookup(pool), store.lookup(pool))
+    assert copy.verify()["verified"] == ["seg-000001-streamed"]
+    assert copy.write_sorted(iter([])) is None
+    with pytest.raises(ValueError, match="strictly ascending"):
+        copy.write_sorted([(keys[:3], values[:3]), (keys[2:4], values[2:4])])
+    with pytest.raises(ValueError, match="NaN"):
+        copy.write_sorted([(keys[:2], np.array([1.0, np.inf]))])
+    assert [p.name for p in (copy.path / "segments").iterdir() if not p.name.startswith("seg-000001-")] == []

@@ -10,20 +10,19 @@ from kdir.models import DualEncoder
 from kdir.retrieval.encode import encode_texts
 
 
-def test_mean_pooling_ignores_padding_and_skipped_tokens(tiny_student):
+def test_mean_pooling_ignores_padding_and_skipped_tokens(quickstart):
     hidden = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [5.0, 4.0], [100.0, 100.0]]])
     mask = torch.tensor([[1, 1, 1, 0]])
-    assert tiny_student.pool(hidden, mask).tolist() == [[3.0, 2.0]]
-    tiny_student.config["skip_tokens"] = 1
-    try:
-        assert tiny_student.pool(hidden, mask).tolist() == [[4.0, 3.0]]
-    finally:
-        tiny_student.config["skip_tokens"] = 0
-    tiny_student.config["pooling"] = "cls"
-    try:
-        assert tiny_student.pool(hidden, mask).tolist() == [[1.0, 0.0]]
-    finally:
-        tiny_student.config["pooling"] = "mean"
+    assert DualEncoder(quickstart["model"]).pool(hidden, mask).tolist() == [[3.0, 2.0]]
+    assert DualEncoder(quickstart["model"], skip_tokens=1).pool(hidden, mask).tolist() == [[4.0, 3.0]]
+    assert DualEncoder(quickstart["model"], pooling="cls").pool(hidden, mask).tolist() == [[1.0, 0.0]]
+    # each side pools its own way: the query side cls, the document side the mean from position 1 on
+    sides = DualEncoder(quickstart["model"], pooling="cls", shared=False, doc_pooling="mean", doc_skip_tokens=1)
+    assert sides.pool(hidden, mask, "query").tolist() == [[1.0, 0.0]]
+    assert sides.pool(hidden, mask, "doc").tolist() == [[4.0, 3.0]]
+    assert (sides.config["doc_pooling"], sides.config["doc_skip_tokens"]) == ("mean", 1)
+    with pytest.raises(ValueError, match="one shared tower"):
+        DualEncoder(quickstart["model"], pooling="cls", doc_pooling="mean")
 
 
 def test_encode_matches_manual_forward(tiny_student):

@@ -330,3 +330,26 @@ def test_weights_hash_changes_with_weights(bert_dir):
     with torch.no_grad():
         cb.linear.weight[0, 0] += 1.0
     assert cb.weights_hash() not in (before, changed)
+
+
+def test_colbert_provenance_records_later_settings_only_when_they_change_scores(bert_dir):
+    """Stores scored before masked_doc_tokens / marker_as_text / add_sep / skip_prefix_tokens / dropout_when_frozen
+    existed recorded none of them: a ColBERT at their earlier fixed values has the same provenance keys."""
+    plain = ColBERT(bert_dir, dim=8).provenance()["config"]
+    assert not {"masked_doc_tokens", "marker_as_text", "add_sep", "skip_prefix_tokens", "dropout_when_frozen"} & set(
+        plain
+    )
+    assert set(plain) == {
+        "dim",
+        "similarity",
+        "query_max_length",
+        "doc_max_length",
+        "mask_punctuation",
+        "attend_to_mask_tokens",
+        "query_marker",
+        "doc_marker",
+        "normalize_queries",
+        "bias",
+    }
+    tct = ColBERT(bert_dir, dim=8, masked_doc_tokens=-15.0, add_sep=False, skip_prefix_tokens=4).provenance()["config"]
+    assert (tct["masked_doc_tokens"], tct["add_sep"], tct["skip_prefix_tokens"]) == (-15.0, False, 4)

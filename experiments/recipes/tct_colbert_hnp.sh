@@ -5,42 +5,62 @@
 #   2. mine the student's top-$DEPTH for the training queries -> $OUT/hn.trec (+ $OUT/mine/metrics.json)
 #   3. HN+: fine-tune the teacher on the mined negatives    -> $OUT/teacher_hnp/teacher   (skipped with VARIANT=hn)
 #   4. distil again on the mined negatives, from the stage-1 student -> $OUT/student_$VARIANT/student
+# Stages 0-2 read $DATA (e.g. msmarco: the official BM25 triples), stages 3-4 $HN_DATA with the mined negatives
+# (msmarco_hn for DATA=msmarco, else the same option). DRY_RUN=1 prints each stage's command instead of running it.
 # Defaults run the offline quickstart (tiny models, a few minutes on CPU):
 #   bash experiments/recipes/tct_colbert_hnp.sh
 # SciFact on a GPU (see the README for the full command):
 #   OUT=outputs/tct_hnp_scifact DATA=scifact EVAL=scifact TEACHER_EVAL=maxsim_scifact TEACHER=<ColBERT folder> \
 #   STUDENT_ARGS="student.model_name_or_path=<encoder>" EXTRA="trainer=gpu ..." \
 #   bash experiments/recipes/tct_colbert_hnp.sh
+# MS MARCO, as the original (teacher from BERT-base, 160K steps of 96 = 8 x 12 each stage):
+#   OUT=outputs/tct_hnp_msmarco DATA=msmarco EVAL=dl19 TEACHER_EVAL= TEACHER_INIT=bert-base-uncased \
+#   STUDENT_ARGS= EXTRA="trainer=gpu" bash experiments/recipes/tct_colbert_hnp.sh
 set -euo pipefail
 
 OUT=${OUT:-outputs/tct_colbert_hnp}
 VARIANT=${VARIANT:-hnp}                         # hnp: re-train the teacher (stage 3) | hn: keep the original teacher
 STAGES=${STAGES:-0 1 2 3 4}                     # run a subset, e.g. STAGES="2 3 4" to resume after stage 1
 DEPTH=${DEPTH:-200}                             # mined candidates kept per training query (TCT: 200)
-DATA=${DATA:-quickstart}                        # training data (conf/data); the same for every stage
+DATA=${DATA:-quickstart}                        # training data of stages 0-2 (conf/data)
+case $DATA in msmarco) HN_DEFAULT=msmarco_hn ;; *) HN_DEFAULT=$DATA ;; esac  # fixed triples have no sampler
+HN_DATA=${HN_DATA:-$HN_DEFAULT}                 # training data of stages 3-4, its negatives from the mined run
 EVAL=${EVAL:-quickstart}                        # student evaluation (conf/eval)
 TEACHER_EVAL=${TEACHER_EVAL-maxsim_quickstart}  # teacher evaluation (conf/teacher_eval); empty: none
 TEACHER=${TEACHER:-}                            # ColBERT teacher folder; empty: stage 0 trains $OUT/teacher/teacher
 TEACHER_INIT=${TEACHER_INIT:-}                  # stage 0's starting encoder; empty: the quickstart's tiny BERT
-# TCT's teacher settings (36/154 tokens, unnormalised query tokens), so the teacher is trained as it is used.
-TCT_TEACHER="teacher.query_max_length=36 teacher.doc_max_length=154"
-TCT_TEACHER+=" ++teacher.normalize_queries=false"
+# The teacher is trained as it is used (teacher=tct_colbert: TCT's token layout, 36/154 tokens, unnormalised query
+# tokens, a bias) and as the original trains it (train/main.py --train_model=teacher): in-batch softmax CE with
+# the logits x 4 x the per-core batch (x48), TCT's AdamW (optim=tct: 10K warm-up, linear decay, lr 7e-6),
+# batch 96 = 8 accumulated micro-batches of 12, clip 1.0, 160K steps.
+TCT_TEACHER="teacher=tct_colbert batch_logit_scale=4 optim=tct data.batch_size=12"
+TCT_TEACHER+=" trainer.accumulate_grad_batches=8 trainer.gradient_clip_val=1.0 trainer.max_epochs=-1"
+TCT_TEACHER+=" trainer.max_steps=160000"
 TEACHER_ARGS=${TEACHER_ARGS-$TCT_TEACHER}
 # Stage-1 student; empty: the experiment's tct_mean (bert-base-uncased). Its word pieces and [MASK]
 # padding do not suit the quickstart's word-level toy vocabulary, hence student=tiny by default.
 STUDENT_ARGS=${STUDENT_ARGS-student=tiny}
-EXTRA=${EXTRA-optim.optimizer.lr=3e-3 optim.warmup=0.1 trainer.max_epochs=5 trainer.max_steps=-1}  # all training
+QUICK="optim.optimizer.lr=3e-3 optim.warmup=0.1 trainer.max_epochs=5 trainer.max_steps=-1"
+QUICK+=" trainer.accumulate_grad_batches=1"     # the quickstart's 1,200 queries: one optimizer step per batch
+EXTRA=${EXTRA-$QUICK}                           # overrides for every training stage (0, 1, 3, 4)
 STUDENT_EXTRA=${STUDENT_EXTRA-}                 # kdir.run stages (1 and 4) only
 TEACHER_EXTRA=${TEACHER_EXTRA-}                 # kdir.train_teacher stages (0 and 3) only
 MINE_EXTRA=${MINE_EXTRA-}                       # kdir.mine (stage 2) only, e.g. index_factory=HNSW32
+DRY_RUN=${DRY_RUN:-}                            # non-empty: print each stage's command (one line), run nothing
 case $VARIANT in hn | hnp) ;; *) echo "VARIANT must be hn or hnp, got '$VARIANT'" >&2 && exit 2 ;; esac
 
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/hardware.txt" 2>/dev/null || uname -a > "$OUT/hardware.txt"
+if [[ -z $DRY_RUN ]]; then
+  mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/hardware.txt" 2>/dev/null || uname -a > "$OUT/hardware.txt"
+fi
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 timed() {  # timed <stage name> <command...>: run it, append its wall time to $OUT/stage_seconds.tsv
   local name=$1 start=$SECONDS
   shift
+  if [[ -n $DRY_RUN ]]; then
+    printf '%s' "$name"; printf ' %q' "$@"; printf '\n'
+    return
+  fi
   echo "== $name: $*" >&2
   "$@"
   printf '%s\t%d\n' "$name" $((SECONDS - start)) >> "$OUT/stage_seconds.tsv"
@@ -57,8 +77,8 @@ T_EVAL=${TEACHER_EVAL:+teacher_eval=$TEACHER_EVAL}
     TEACHER=$OUT/teacher/teacher
     if has 0; then
       TEACHER_INIT=${TEACHER_INIT:-$(python -c "from kdir.data.quickstart import ensure; print(ensure('model'))")}
-      timed 0_teacher python -m kdir.train_teacher teacher=colbert teacher.path="$TEACHER_INIT" $TEACHER_ARGS \
-        ++teacher.bias=true data="$DATA" $T_EVAL hydra.run.dir="$OUT/teacher" $EXTRA $TEACHER_EXTRA
+      timed 0_teacher python -m kdir.train_teacher $TEACHER_ARGS teacher.path="$TEACHER_INIT" \
+        data="$DATA" $T_EVAL hydra.run.dir="$OUT/teacher" $EXTRA $TEACHER_EXTRA
     fi
   fi
   if has 1; then
@@ -73,17 +93,18 @@ T_EVAL=${TEACHER_EVAL:+teacher_eval=$TEACHER_EVAL}
   if [[ $VARIANT == hnp ]]; then
     FINAL_TEACHER=$OUT/teacher_hnp/teacher
     if has 3; then
-      timed 3_teacher_hnp python -m kdir.train_teacher teacher=colbert teacher.path="$TEACHER" \
-        $TEACHER_ARGS data="$DATA" $HN $T_EVAL hydra.run.dir="$OUT/teacher_hnp" $EXTRA $TEACHER_EXTRA
+      timed 3_teacher_hnp python -m kdir.train_teacher $TEACHER_ARGS teacher.path="$TEACHER" \
+        data="$HN_DATA" $HN $T_EVAL hydra.run.dir="$OUT/teacher_hnp" $EXTRA $TEACHER_EXTRA
     fi
   fi
   if has 4; then
     timed "4_student_$VARIANT" python -m kdir.run experiment=tct_colbert student=checkpoint \
-      student.path="$OUT/student/student" teacher.path="$FINAL_TEACHER" data="$DATA" eval="$EVAL" $HN \
+      student.path="$OUT/student/student" teacher.path="$FINAL_TEACHER" data="$HN_DATA" eval="$EVAL" $HN \
       hydra.run.dir="$OUT/student_$VARIANT" $EXTRA $STUDENT_EXTRA
   fi
 }
 
+[[ -n $DRY_RUN ]] && exit 0
 # Summary of whatever stages exist: test metrics of both students, the teachers, and the mined pool's recall.
 python - "$OUT" "$VARIANT" <<'EOF'
 import json, sys

@@ -16,12 +16,34 @@ from __future__ import annotations
 
 import json
 import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from kdir.errors import ConfigError
 from kdir.utils.io import build_folder
+
+
+@contextmanager
+def own_generators(seed: int = 0) -> Iterator[None]:
+    """Run a block under its own seeded generators (Python, NumPy, torch CPU), then give the caller's back: what the
+    quickstart builds on first use leaves a seeded run drawing exactly as if it had been cached."""
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
 
 VERSION = "quickstart-v3"
 N_TOPICS, N_ENTITIES, N_DOCS = 40, 80, 2000
@@ -121,7 +143,6 @@ def build_model(out: Path, vocab: list[str], seed: int = 0, hidden: int = 64, la
     """Write a randomly initialised BERT and its WordPiece tokenizer (HF format) to ``out``."""
     import inspect
 
-    import torch
     from transformers import BertTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
@@ -133,8 +154,7 @@ def build_model(out: Path, vocab: list[str], seed: int = 0, hidden: int = 64, la
         tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
     if tok.tokenize(tokens[-1]) != [tokens[-1]]:
         raise RuntimeError("quickstart tokenizer does not know its own vocabulary")
-    with torch.random.fork_rng(devices=[]):  # the caller's RNG (a seeded training run) is left as it was
-        torch.manual_seed(seed)
+    with own_generators(seed):  # the caller's generators (a seeded training run) are left as they were
         _build_bert(out, len(tok), hidden, layers)
     tok.save_pretrained(out)
 

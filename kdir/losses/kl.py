@@ -31,7 +31,12 @@ def log_softmaxes(
 
 
 def kl_divergence(
-    student: Tensor, teacher: Tensor, mask: Tensor | None = None, tau_teacher: float = 0.25, tau_student: float = 1.0
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None = None,
+    tau_teacher: float = 0.25,
+    tau_student: float = 1.0,
+    prob_clip: float | None = None,
 ) -> Tensor:
     """``mean_i Σ_c P_t(c|i) [log P_t(c|i) − log P_s(c|i)]`` = KL(teacher ‖ student), in fp32.
 
@@ -40,8 +45,12 @@ def kl_divergence(
     Args:
         student / teacher: ``[B, C]`` scores.
         mask: optional ``[B, C]`` bool; masked candidates leave both softmaxes (rows need one unmasked entry).
+        prob_clip: clip both probabilities to ``[prob_clip, 1]`` first, as ``tf.keras.losses.KLDivergence``
+            (ε = 1e-7) in TCT-ColBERT's ``train/model_fn.py:128,135`` (no gradient through a clipped entry).
     """
     log_ps, log_pt = log_softmaxes(student, teacher, mask, tau_student, tau_teacher, "kl")
+    if prob_clip is not None:
+        log_ps, log_pt = log_ps.exp().clamp(prob_clip, 1.0).log(), log_pt.exp().clamp(prob_clip, 1.0).log()
     kl = log_pt.exp() * (log_pt - log_ps)
     if mask is not None:
         kl = torch.where(mask, kl, 0.0)
@@ -54,6 +63,7 @@ class KLDistill(Loss):
     Args:
         tau_teacher: teacher temperature (0.25 in TCT-ColBERT and CollectiveKD).
         tau_student: student temperature (1: raw logits, as both papers).
+        prob_clip: clip both distributions to ``[prob_clip, 1]`` (TCT-ColBERT's Keras loss: 1e-7; ``None``: exact).
     """
 
     name = "kl"
@@ -66,11 +76,16 @@ class KLDistill(Loss):
         tau_student: float = 1.0,
         weight: float = 1.0,
         applies_to: AppliesTo | None = None,
+        prob_clip: float | None = None,
     ):
         super().__init__(layout, weight, applies_to)
-        self.tau_teacher, self.tau_student = tau_teacher, tau_student
+        if prob_clip is not None and not 0 < prob_clip < 1:
+            raise ConfigError(
+                f"prob_clip must lie in (0, 1) (TCT-ColBERT's Keras: 1e-7) or be null, got {prob_clip!r}"
+            )
+        self.tau_teacher, self.tau_student, self.prob_clip = tau_teacher, tau_student, prob_clip
 
     def compute(self, c: Candidates) -> Tensor:
         if c.teacher is None:
             raise ConfigError("kl needs teacher scores: choose a teacher (e.g. teacher=colbert)")
-        return kl_divergence(c.student, c.teacher, c.mask, self.tau_teacher, self.tau_student)
+        return kl_divergence(c.student, c.teacher, c.mask, self.tau_teacher, self.tau_student, self.prob_clip)

@@ -72,6 +72,9 @@ class Scorer(nn.Module, ABC):
     multi_vector: ClassVar[bool] = False
     uses_query_keys: ClassVar[bool] = False
     non_scoring: ClassVar[tuple[str, ...]] = ()  # settings of `config` that do not change a frozen model's scores
+    # Settings added after score stores began recording provenance, with the value earlier versions always used: at
+    # that value a setting is left out of the provenance, so the stores of earlier versions still match.
+    later_settings: ClassVar[dict[str, Any]] = {}
     config: dict
 
     @property
@@ -125,6 +128,19 @@ class Scorer(nn.Module, ABC):
         self.requires_grad_(False)
         return self
 
+    def gradient_checkpointing_enable(self) -> Scorer:
+        """Recompute each backbone's activations in the backward pass instead of storing them (Chen et al. 2016):
+        less memory for longer inputs or larger batches, about one more forward pass of time. Every Hugging Face
+        backbone of the model that supports it is switched (non-reentrant checkpointing)."""
+        from transformers import PreTrainedModel
+
+        backbones = [m for m in self.modules() if isinstance(m, PreTrainedModel)]
+        if not backbones or not all(m.supports_gradient_checkpointing for m in backbones):
+            raise KdirError(f"{type(self).__name__}: its backbone does not support gradient checkpointing")
+        for m in backbones:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return self
+
     def weights_hash(self) -> str:
         """sha256 (hex) over the state dict (names, dtypes, shapes, bytes)."""
         h = hashlib.sha256()
@@ -135,8 +151,14 @@ class Scorer(nn.Module, ABC):
         return h.hexdigest()
 
     def scoring_settings(self) -> dict[str, Any]:
-        """The settings of :attr:`config` that change a frozen model's scores (all but :attr:`non_scoring`)."""
-        return {k: v for k, v in self.config.items() if k not in self.non_scoring}
+        """The settings of :attr:`config` that change a frozen model's scores: all but :attr:`non_scoring`, and but
+        :attr:`later_settings` at their earlier value."""
+        missing = object()
+        return {
+            k: v
+            for k, v in self.config.items()
+            if k not in self.non_scoring and self.later_settings.get(k, missing) != v
+        }
 
     def provenance(self) -> dict[str, Any]:
         """What produced a score: the class, its scoring settings and the weights hash (recorded by the stores;

@@ -6,8 +6,11 @@ tokens (the ``[MASK]``-padded query) weigh 1, expansion vector ``e_k`` weighs ``
 
     T(q, d) = Σ_i max_j −‖q_i − d_j‖²  +  Σ_k w_k · max_j −‖e_k − d_j‖²
 
-Queries absent from the store get zero weights, so their scores are the plain ColBERT scores (self-KD). Forcing
-the labelled positive to its row maximum is the teacher signal's job, not the model's.
+(``colbert/modeling/colbert.py:64-138`` of the official code). There the masked document tokens are zero vectors
+(``D * mask``, lines 50-53), so each max also sees ``−‖q_i‖²`` / ``−‖e_k‖²``: ``masked_doc_tokens="zero"``, which
+the recipe (``experiment=collective_kd``) sets for the teacher and the student. Queries absent from the store get
+zero weights, so their scores are the plain ColBERT scores (self-KD). Forcing the labelled positive to its row
+maximum is the teacher signal's job, not the model's.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from kdir.errors import KdirError
 from kdir.models.base import to_device
-from kdir.models.colbert import ColBERT, ColBERTPreparer, Similarity, maxsim
+from kdir.models.colbert import ColBERT, ColBERTPreparer, MaskedDocTokens, Similarity, maxsim
 from kdir.stores.expansion_store import ExpansionStore
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ def collective_maxsim(
     d: Tensor,
     d_mask: Tensor,
     similarity: Similarity = "l2",
+    masked_doc_tokens: MaskedDocTokens = "exclude",
 ) -> Tensor:
     """``[Nq, Nd]`` weighted MaxSim of queries extended with expansion vectors.
 
@@ -43,10 +47,12 @@ def collective_maxsim(
         q / q_mask: query token embeddings ``[Nq, Lq, dim]`` and their mask (weight 1 where ``True``).
         expansion / expansion_weights: ``[Nq, k, dim]`` expansion vectors and their weights ``[Nq, k]``.
         d / d_mask: document token embeddings ``[Nd, Ld, dim]`` and their bool mask.
+        masked_doc_tokens: ``exclude``, ``zero`` or a number (:func:`~kdir.models.colbert.maxsim`); with ``zero`` an
+            expansion vector's floor is ``−‖e_k‖²`` (``l2``), as the official ``D * mask``.
     """
     tokens = torch.cat([q.float(), expansion.to(q.device, torch.float32)], dim=1)
     weights = torch.cat([q_mask.float(), expansion_weights.to(q.device, torch.float32)], dim=1)
-    return maxsim(tokens, weights, d.float(), d_mask, similarity)
+    return maxsim(tokens, weights, d.float(), d_mask, similarity, masked_doc_tokens=masked_doc_tokens)
 
 
 class CollectivePreparer:
@@ -132,5 +138,7 @@ class CollectiveColBERT(ColBERT):
             {"input_ids": inputs["doc_input_ids"], "attention_mask": inputs["doc_attention_mask"]}, "doc"
         )
         expansion, weights = inputs["query_expansion"], inputs["query_expansion_weights"]
-        scores = collective_maxsim(q, q_mask, expansion, weights, d, d_mask, self.config["similarity"])
+        scores = collective_maxsim(
+            q, q_mask, expansion, weights, d, d_mask, self.config["similarity"], self.config["masked_doc_tokens"]
+        )
         return scores.gather(1, inputs["candidates"])

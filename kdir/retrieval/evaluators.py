@@ -11,12 +11,22 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+import xxhash
 
 from kdir.data.dataset import IRDataset
-from kdir.errors import KdirError
+from kdir.errors import ConfigError, KdirError
 from kdir.retrieval.encode import Side, encode_batch, encode_texts
 from kdir.retrieval.metrics import Run, evaluate_run, parse_measures, run_from_topk, write_trec_run
-from kdir.retrieval.search import maxsim_search, search
+from kdir.retrieval.search import (
+    build_index,
+    check_factory,
+    check_index,
+    load_index,
+    maxsim_search,
+    save_index,
+    search_index,
+    to_gpu,
+)
 from kdir.stores import id_hashes
 from kdir.utils.io import save_json
 from kdir.utils.report import print_metrics
@@ -46,6 +56,10 @@ class RetrievalEvaluator:
     Lightning): :meth:`encode_step` per batch, :meth:`retrieve` on the gathered encodings, :meth:`score` the run.
     Standalone, :meth:`evaluate` does all of it in one process.
 
+    The index is checked before anything is encoded (:func:`kdir.retrieval.search.check_index`): its factory
+    string at construction as far as it can be without a model, then on a dummy of the model's dimension when
+    :meth:`evaluate` starts (or at the first document batch of :meth:`encode_step`).
+
     Args:
         dataset: the split to evaluate (its queries, its qrels, the full corpus).
         metrics: ir-measures strings, e.g. ``nDCG@10``, ``RR(rel=2)@10``, ``R@1000``.
@@ -53,7 +67,16 @@ class RetrievalEvaluator:
         index_factory: FAISS ``index_factory`` string (``Flat`` = exact inner product).
         use_gpu: FAISS on GPU (``None``: when available).
         batch_size: encoding batch size.
+        nprobe: IVF lists a query visits (``None``: enough for ``depth`` hits per query; see
+            :mod:`kdir.retrieval.search`).
+        ef_search: HNSW ``efSearch``, at least ``depth`` (``None``: ``max(depth, 16)``).
+        index_path: save the corpus index here (and ``<index_path>.json``: factory, model provenance, corpus
+            fingerprint). :meth:`evaluate` loads it instead of encoding the corpus when the record matches the
+            model (class, settings, weights hash), the corpus (ids and texts hashes) and the factory; when it does
+            not, the index is rebuilt and the file replaced (a warning says what differed).
     """
+
+    uses_faiss = True  # MaxSim subclasses search without FAISS: no index to check, save or reuse
 
     def __init__(
         self,
@@ -63,21 +86,91 @@ class RetrievalEvaluator:
         index_factory: str = "Flat",
         use_gpu: bool | None = None,
         batch_size: int = 128,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        index_path: str | Path | None = None,
     ):
         parse_measures(metrics)  # fail early on a bad name
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name}={value!r}: expected an integer >= 1, or null for the default")
         self.dataset, self.metrics, self.depth = dataset, list(metrics), depth
         self.index_factory, self.use_gpu, self.batch_size = index_factory, use_gpu, batch_size
+        self.nprobe, self.ef_search = nprobe, ef_search
+        self.index_path = Path(index_path) if index_path else None
+        self._knobs: dict[int, dict] = {}
+        self._corpus_fingerprint: dict | None = None
+        if self.uses_faiss:
+            check_factory(index_factory)
+
+    def check_index(self, dim: int) -> dict:
+        """Check the index settings for ``dim``-d embeddings and this corpus (once per dimension); returns the
+        index's knobs (:func:`kdir.retrieval.search.index_knobs`)."""
+        if dim not in self._knobs:
+            self._knobs[dim] = check_index(
+                self.index_factory, dim, len(self.dataset.corpus), self.nprobe, self.ef_search
+            )
+        return self._knobs[dim]
+
+    def check_model(self, model: Scorer, device: str | torch.device | None = None) -> dict | None:
+        """:meth:`check_index` for ``model``'s embedding size (``None`` for evaluators that use no FAISS index)."""
+        return self.check_index(_model_dim(model, device)) if self.uses_faiss else None
 
     def encode_step(self, model: Scorer, tokens: dict[str, torch.Tensor], side: Side) -> tuple[torch.Tensor, ...]:
-        """The encodings of one batch of one side (see :func:`kdir.retrieval.encode.encode_batch`)."""
-        return encode_batch(model, tokens, side)
+        """The encodings of one batch of one side (see :func:`kdir.retrieval.encode.encode_batch`); the first
+        document batch checks the index for their dimension."""
+        out = encode_batch(model, tokens, side)
+        if self.uses_faiss and side == "doc" and not self._knobs:
+            self.check_index(out[0].shape[-1])
+        return out
 
     def retrieve(self, queries: tuple[torch.Tensor, ...], docs: tuple[torch.Tensor, ...], model: Scorer) -> Run:
-        """Top-``depth`` run from query ``[Nq, d]`` and corpus ``[Nd, d]`` embeddings (rows in dataset order)."""
-        q = queries[0].detach().float().cpu().numpy()
+        """Top-``depth`` run from query ``[Nq, d]`` and corpus ``[Nd, d]`` embeddings (rows in dataset order);
+        with ``index_path`` the index is saved there."""
         d = docs[0].detach().float().cpu().numpy()
-        scores, rows = search(q, d, self.depth, self.index_factory, self.use_gpu)
+        knobs = self.check_index(d.shape[1])
+        index = build_index(d, self.index_factory, self.use_gpu)
+        if self.index_path is not None:
+            self._save(index, model)
+        return self._search(index, queries, knobs)
+
+    def _search(self, index, queries: tuple[torch.Tensor, ...], knobs: dict) -> Run:
+        q = queries[0].detach().float().cpu().numpy()
+        scores, rows = search_index(index, q, self.depth, knobs, self.nprobe, self.ef_search)
         return run_from_topk(self.dataset.queries.ids, self.dataset.corpus.ids, scores, rows)
+
+    def index_record(self, model: Scorer) -> dict:
+        """What a saved index is built from: factory, the model's provenance, the corpus fingerprint."""
+        if self._corpus_fingerprint is None:
+            ids, texts = xxhash.xxh64(), xxhash.xxh64()
+            for i, t in zip(self.dataset.corpus.ids, self.dataset.corpus.texts):
+                ids.update(i.encode() + b"\0")
+                texts.update(t.encode() + b"\0")
+            n = len(self.dataset.corpus)
+            self._corpus_fingerprint = {"documents": n, "ids_xxh64": ids.hexdigest(), "texts_xxh64": texts.hexdigest()}
+        return {
+            "kind": "kdir-faiss-index/1",
+            "factory": self.index_factory,
+            "metric": "inner_product",
+            "model": model.provenance(),
+            "corpus": self._corpus_fingerprint,
+        }
+
+    def _save(self, index, model: Scorer) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return  # one writer: rank 0
+        save_index(index, self.index_path, self.index_record(model))
+        log.info("index saved to %s", self.index_path)
+
+    def _saved_index(self, model: Scorer):
+        """The index saved at ``index_path`` if it was built from this model, corpus and factory, else ``None``."""
+        index, differs = load_index(self.index_path, self.index_record(model))
+        if index is not None:
+            log.info("index_path=%s: the saved index matches: the corpus is not encoded", self.index_path)
+            return index
+        if differs != ["no saved index"]:
+            log.warning("index_path=%s: rebuilding it (%s)", self.index_path, "; ".join(differs))
+        return None
 
     def score(self, run: Run) -> dict[str, float]:
         return evaluate_run(run, self.dataset.qrels, self.metrics)
@@ -85,15 +178,32 @@ class RetrievalEvaluator:
     def evaluate(
         self, model: Scorer, device: str | torch.device | None = None, progress: bool = True
     ) -> tuple[dict[str, float], Run]:
-        """Encode, search and score in one process (``python -m kdir.evaluate``); returns ``(metrics, run)``."""
+        """Encode, search and score in one process (``python -m kdir.evaluate``); returns ``(metrics, run)``.
+
+        The index is checked first (before anything is encoded); a matching index saved at ``index_path`` is
+        loaded and the corpus is not encoded.
+        """
         kw = dict(batch_size=self.batch_size, device=device, progress=progress, out_device=self._out_device(model))
+        knobs = self.check_model(model, device)
+        saved = self._saved_index(model) if self.uses_faiss and self.index_path is not None else None
         queries = encode_texts(model, self.dataset.queries.texts, "query", **kw)
-        docs = encode_texts(model, self.dataset.corpus.texts, "doc", **kw)
-        run = self.retrieve(queries, docs, model)
+        if saved is not None:
+            run = self._search(to_gpu(saved, self.index_factory, self.use_gpu), queries, knobs)
+        else:
+            docs = encode_texts(model, self.dataset.corpus.texts, "doc", **kw)
+            run = self.retrieve(queries, docs, model)
         return self.score(run), run
 
     def _out_device(self, model: Scorer) -> str | torch.device:
         return "cpu"  # FAISS reads host memory
+
+
+def _model_dim(model: Scorer, device: str | torch.device | None = None) -> int:
+    """A single-vector model's embedding size: its ``dim``, else that of one encoded probe query."""
+    dim = getattr(model, "dim", None)
+    if isinstance(dim, int):
+        return dim
+    return int(encode_texts(model, ["dimension probe"], "query", device=device)[0].shape[-1])
 
 
 def _candidate_lists(dataset: IRDataset, run_file: str, depth: int) -> list[np.ndarray]:
@@ -177,6 +287,8 @@ class MaxSimEvaluator(RetrievalEvaluator):
     scored against every document and the top-``depth`` kept (:func:`kdir.retrieval.search.maxsim_search`).
     """
 
+    uses_faiss = False
+
     def __init__(
         self,
         dataset: IRDataset,
@@ -193,7 +305,14 @@ class MaxSimEvaluator(RetrievalEvaluator):
         if not model.multi_vector:
             raise KdirError(f"MaxSim evaluation needs a multi-vector model (ColBERT), got {type(model).__name__}")
         scores, rows = maxsim_search(
-            queries, docs, self.depth, model.config["similarity"], self.batch_size, self.doc_chunk, model.device
+            queries,
+            docs,
+            self.depth,
+            model.config["similarity"],
+            self.batch_size,
+            self.doc_chunk,
+            model.device,
+            masked_doc_tokens=model.config.get("masked_doc_tokens", "exclude"),
         )
         return run_from_topk(self.dataset.queries.ids, self.dataset.corpus.ids, scores, rows)
 

@@ -154,6 +154,7 @@ def teacher_ranking(
         batch_size,
         doc_chunk,
         model.device,
+        masked_doc_tokens=model.config.get("masked_doc_tokens", "exclude"),
     )
 
 

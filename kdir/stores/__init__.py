@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kdir.stores.embedding_store import EmbeddingStore
 from kdir.stores.expansion_store import ExpansionStore
 from kdir.stores.keys import id_hashes, pair_keys, pair_keys_from_ids
 from kdir.stores.score_store import (
@@ -12,6 +13,7 @@ from kdir.stores.score_store import (
 )
 
 __all__ = [
+    "EmbeddingStore",
     "ExpansionStore",
     "ScoreStore",
     "id_hashes",

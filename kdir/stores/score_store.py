@@ -29,6 +29,10 @@ An imported store (:meth:`ScoreStore.import_new`) is built in a temporary folder
 into place when the import is complete, with ``meta["imported"]`` recording the source file (path, format, size,
 modification time) and the pairs read: a store is a finished import, or absent. Scores must be finite float32
 numbers (NaN means "not stored" in lookups); others are refused with a :class:`~kdir.errors.NonFiniteScoreError`.
+
+A store holds pair keys, not ids: :meth:`ScoreStore.pairs_between` and :meth:`ScoreStore.iter_pairs` stream its
+unique pairs in key order (newest segment wins) in bounded memory, and :meth:`ScoreStore.write_sorted` publishes
+such a stream as one segment (``kdir.stores.tools``: export, merge).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -48,7 +52,7 @@ from uuid import uuid4
 import numpy as np
 import xxhash
 
-from kdir.data.formats import read_jsonl_scores, read_margin_scores, read_pair_scores
+from kdir.data.formats import FLOAT32_MAX, read_jsonl_scores, read_margin_scores, read_pair_scores, text_lines
 from kdir.errors import (
     ConfigError,
     DamagedStoreError,
@@ -70,7 +74,7 @@ _ANY_FILE = re.compile(r"^seg-(\d{6,})-")
 _PART_FILE = re.compile(r"^seg-(\d{6,})-([A-Za-z0-9_.-]+?)\.(keys\.npy|values\.npy|names\.json|sums\.json)$")
 _PARTS = (("keys", np.uint64), ("values", np.float32))
 _STALE_IMPORT_S = 600  # a temporary import folder of a dead process untouched this long is removed
-IMPORT_FORMATS = ("pairs", "margin_scores", "jsonl")
+IMPORT_FORMATS = ("pairs", "margin_scores", "jsonl", "trec", "keys")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BUCKET = 32  # mean keys per bucket of a segment's in-memory directory (~0.5 byte per pair)
 
@@ -167,6 +171,41 @@ def _stage_npy(path: Path, arr: np.ndarray) -> tuple[Path, dict[str, Any]]:
     return tmp, record
 
 
+def _stage_npy_copy(path: Path, raw: Path, dtype: np.dtype, n: int) -> tuple[Path, dict[str, Any]]:
+    """A temporary ``.npy`` file next to ``path`` holding the ``n`` raw ``dtype`` items of the file ``raw`` (copied in
+    blocks), fsynced and hashed from disk; returns it and its checksum record (as :func:`_stage_npy`)."""
+    tmp = temp_path(path)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n,))
+        step = 1 << 22
+        with open(raw, "rb") as f:
+            for i in range(0, n, step):
+                out[i : i + step] = np.fromfile(f, dtype=dtype, count=min(step, n - i))
+        out.flush()
+        del out
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        return tmp, {"bytes": os.path.getsize(tmp), "xxh64": _file_xxh64(tmp)}
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _noting_queries(rows: Iterable[tuple[str, str, float]], seen: set[str]) -> Iterator[tuple[str, str, float]]:
+    """``rows`` unchanged, adding each row's query id to ``seen``."""
+    for row in rows:
+        seen.add(row[0])
+        yield row
+
+
+def key_ranges(n: int, chunk_size: int) -> list[tuple[int, int | None]]:
+    """``ceil(n / chunk_size)`` (at least one) equal ranges ``[lo, hi)`` covering all 64-bit keys (the last one's
+    ``hi`` is ``None``): with uniform pair keys each holds about ``chunk_size`` of ``n`` keys."""
+    parts = max(1, -(-n // max(1, chunk_size)))
+    bounds = [i * 2**64 // parts for i in range(parts)]
+    return [(lo, hi) for lo, hi in zip(bounds, [*bounds[1:], None])]
+
+
 def _npy_payload(file: Path) -> tuple[np.dtype, tuple[int, ...], int]:
     """``(dtype, shape, bytes the file must have)`` from a ``.npy`` header; :class:`ValueError` if unreadable."""
     with open(file, "rb") as f:
@@ -222,7 +261,7 @@ def _batched(it: Iterable, n: int) -> Iterator[list]:
         yield chunk
 
 
-def _score_text(scores: np.ndarray) -> list[str]:
+def score_text(scores: np.ndarray) -> list[str]:
     """Shortest decimal text that reads back to the same float32."""
     return [str(s) for s in scores.astype(np.float32)]
 
@@ -302,6 +341,56 @@ def sibling_store(path: str | Path, identity: Any) -> Path:
     path = Path(path)
     tag = xxhash.xxh64_hexdigest(json.dumps(identity, sort_keys=True, default=str).encode())[:8]
     return path.with_name(f"{path.stem}-{tag}{path.suffix}")
+
+
+def score_rows(path: str | Path, format: str = "pairs") -> Iterator[tuple[str, str, float]]:
+    """Stream ``(qid, pid, score)`` rows of a score file: ``pairs`` (``qid<TAB>pid<TAB>score``), ``margin_scores``
+    (Hofstätter et al.'s ``pos_score neg_score qid pos_pid neg_pid``: two rows a line), ``jsonl`` (``qid``, ``pid``,
+    ``score``) or ``trec`` (a run, ``qid Q0 pid rank score tag``). A malformed line is a
+    :class:`~kdir.errors.DataFormatError` naming the file and the line."""
+    if format == "pairs":
+        yield from ((qid, pid, score) for _, qid, pid, score in read_pair_scores(path))
+    elif format == "margin_scores":
+        for _, ps, ns, qid, pos, neg in read_margin_scores(path):
+            yield qid, pos, ps
+            yield qid, neg, ns
+    elif format == "jsonl":
+        yield from ((qid, pid, score) for _, qid, pid, score in read_jsonl_scores(path))
+    elif format == "trec":
+        for lineno, line in text_lines(path):
+            if not (fields := line.split()):
+                continue
+            if len(fields) != 6:
+                raise DataFormatError(path, lineno, "'qid Q0 pid rank score tag'", got=line.strip())
+            yield fields[0], fields[2], _file_score(path, lineno, fields[4])
+    else:
+        formats = ", ".join(f for f in IMPORT_FORMATS if f != "keys")
+        raise ConfigError(f"unknown score format {format!r}: expected one of {formats}")
+
+
+def read_key_scores(path: str | Path) -> Iterator[tuple[int, int, float]]:
+    """Stream ``(line, pair key, score)`` of a ``keys`` file: ``<key as 16 hex digits><TAB><score>`` lines."""
+    for lineno, line in text_lines(path):
+        if not (fields := line.split()):
+            continue
+        if len(fields) != 2 or len(fields[0]) != 16:
+            raise DataFormatError(path, lineno, "'<16 hex digit pair key><TAB><score>'", got=line.strip())
+        try:
+            key = int(fields[0], 16)
+        except ValueError:
+            raise DataFormatError(path, lineno, "a pair key of 16 hex digits", got=fields[0]) from None
+        yield lineno, key, _file_score(path, lineno, fields[1])
+
+
+def _file_score(path: str | Path, lineno: int, text: str) -> float:
+    """A score read from a file: a number finite in float32, else a :class:`~kdir.errors.DataFormatError`."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise DataFormatError(path, lineno, "score to be a number", got=text) from None
+    if not abs(x) <= FLOAT32_MAX:
+        raise DataFormatError(path, lineno, "score to be a finite float32 number (|x| <= 3.4e38)", got=text)
+    return x
 
 
 def teacher_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -487,23 +576,39 @@ class ScoreStore:
     def _publish(self, tag: str, keys: np.ndarray, values: np.ndarray, names: list[str] | None = None) -> Path:
         """Write a segment of sorted unique keys under the next number; returns its keys file."""
         probe = self._stem(0, tag)
-        tmp_values, values_sum = _stage_npy(probe, values)
-        tmp_keys = tmp_names = tmp_sums = None
+        staged = [_stage_npy(probe, values)]
         try:
-            tmp_keys, keys_sum = _stage_npy(probe, keys)
+            staged.append(_stage_npy(probe, keys))
+            return self._publish_staged(tag, len(keys), staged[1], staged[0], names)
+        finally:
+            for tmp, _ in staged:
+                Path(tmp).unlink(missing_ok=True)
+
+    def _publish_staged(
+        self,
+        tag: str,
+        n: int,
+        keys: tuple[Path, dict[str, Any]],
+        values: tuple[Path, dict[str, Any]],
+        names: list[str] | None = None,
+    ) -> Path:
+        """Publish staged ``(file, checksum record)`` keys and values of ``n`` pairs as the next segment."""
+        probe = self._stem(0, tag)
+        tmp_names = tmp_sums = None
+        try:
             if names:
                 tmp_names = stage_file(probe, lambda f: f.write(json.dumps(names)), mode="w")
-            sums = json.dumps({"pairs": len(keys), "keys": keys_sum, "values": values_sum})
+            sums = json.dumps({"pairs": n, "keys": keys[1], "values": values[1]})
             tmp_sums = stage_file(probe, lambda f: f.write(sums + "\n"), mode="w")
             taken = [int(m[1]) for name in os.listdir(self._dir) if (m := _ANY_FILE.match(name))]
             stem = self._stem(max(taken, default=0) + 1, tag)
             if tmp_names is not None:
                 os.replace(tmp_names, f"{stem}.names.json")
             os.replace(tmp_sums, f"{stem}.sums.json")
-            os.replace(tmp_values, f"{stem}.values.npy")
-            os.replace(tmp_keys, f"{stem}.keys.npy")  # last: the segment is now visible
+            os.replace(values[0], f"{stem}.values.npy")
+            os.replace(keys[0], f"{stem}.keys.npy")  # last: the segment is now visible
         finally:
-            for tmp in (tmp_values, tmp_keys, tmp_names, tmp_sums):
+            for tmp in (tmp_names, tmp_sums):
                 if tmp is not None:
                     Path(tmp).unlink(missing_ok=True)
         return Path(f"{stem}.keys.npy")
@@ -550,6 +655,16 @@ class ScoreStore:
                 return True
         return False
 
+    def segments(self) -> list[dict[str, Any]]:
+        """The published segments, oldest first: ``{"name", "pairs", "checksums"}`` (whether a checksum record
+        was written with it; read from the file headers and records, no data)."""
+        self.refresh()
+        out = []
+        for seg in self._segments:
+            sums = Path(f"{self._stem(seg.number, seg.tag)}.sums.json").is_file()
+            out.append({"name": self._stem(seg.number, seg.tag).name, "pairs": len(seg.keys), "checksums": sums})
+        return out
+
     # -- reading ---------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -582,7 +697,74 @@ class ScoreStore:
         """``bool`` array: which ``keys`` are stored."""
         return ~np.isnan(self.lookup(keys))
 
+    def pairs_between(self, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The stored pairs with ``lo <= key < hi`` (``hi=None``: up to the last key): sorted unique ``uint64`` keys
+        and their ``float32`` scores, the newest segment winning (as :meth:`lookup`). Reads only that key range."""
+        keys, values = [], []
+        for seg in reversed(self._segments):  # newest first: the first occurrence of a key wins below
+            a = int(np.searchsorted(seg.keys, np.uint64(lo), side="left"))
+            b = len(seg.keys) if hi is None else int(np.searchsorted(seg.keys, np.uint64(hi), side="left"))
+            if b > a:
+                keys.append(np.array(seg.keys[a:b]))
+                values.append(np.array(seg.values[a:b]))
+        if len(keys) <= 1:
+            return (keys[0], values[0]) if keys else (np.zeros(0, np.uint64), np.zeros(0, np.float32))
+        k = np.concatenate(keys)
+        order = np.argsort(k, kind="stable")
+        k = k[order]
+        first = np.ones(len(k), dtype=bool)
+        first[1:] = k[1:] != k[:-1]
+        return k[first], np.concatenate(values)[order[first]]
+
+    def iter_pairs(self, chunk_size: int = 4_000_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every stored pair once (newest segment wins), in ascending key order, as ``(keys, values)`` chunks of
+        about ``chunk_size`` pairs (pair keys are uniform hashes: each chunk is one key range)."""
+        for lo, hi in key_ranges(len(self), chunk_size):
+            keys, values = self.pairs_between(lo, hi)
+            if len(keys):
+                yield keys, values
+
     # -- maintenance -----------------------------------------------------------------------------------
+
+    def write_sorted(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]], name: str | None = None) -> Path | None:
+        """Publish a stream of ``(keys, values)`` chunks, keys strictly ascending across the whole stream, as one
+        segment; returns its keys file (``None`` when the stream is empty).
+
+        The chunks are written to temporary files as they come (memory: one chunk), then copied into the
+        segment's ``.npy`` files, which are hashed from disk for their checksum record and published as by
+        :meth:`append`. A stream that is not strictly ascending raises :class:`ValueError`; a non-finite score
+        :class:`~kdir.errors.NonFiniteScoreError`; nothing is published then.
+        """
+        if name is not None and not _NAME.match(name):
+            raise ValueError(f"segment name {name!r} must match {_NAME.pattern}")
+        tag = name or f"_{uuid4().hex[:12]}"
+        probe = self._stem(0, tag)
+        raw = {part: temp_path(probe) for part, _ in _PARTS}
+        staged: list[tuple[Path, dict[str, Any]]] = []
+        try:
+            n, last = 0, None
+            with open(raw["keys"], "wb") as fk, open(raw["values"], "wb") as fv:
+                for keys, values in chunks:
+                    keys, values = _as_keys(keys).ravel(), _finite_float32(values).ravel()
+                    if keys.shape != values.shape:
+                        raise ValueError(f"keys {keys.shape} and values {values.shape} must have the same shape")
+                    if not len(keys):
+                        continue
+                    if (last is not None and keys[0] <= last) or (len(keys) > 1 and not (keys[1:] > keys[:-1]).all()):
+                        raise ValueError("write_sorted needs strictly ascending keys across the whole stream")
+                    fk.write(keys.tobytes())
+                    fv.write(values.tobytes())
+                    n, last = n + len(keys), keys[-1]
+            if n == 0:
+                return None
+            for part, dtype in (("values", np.float32), ("keys", np.uint64)):
+                staged.append(_stage_npy_copy(probe, raw[part], np.dtype(dtype), n))
+            path = self._publish_staged(tag, n, staged[1], staged[0])
+        finally:
+            for tmp in [*raw.values(), *(t for t, _ in staged)]:
+                Path(tmp).unlink(missing_ok=True)
+        self._update_count()
+        return path
 
     def compact(self) -> Path | None:
         """Merge all segments into one (newest wins); returns its keys file (None for an empty store).
@@ -648,26 +830,33 @@ class ScoreStore:
     # -- import / export -------------------------------------------------------------------------------
 
     def _import_rows(
-        self, rows: Iterable[tuple[str, str, float]], chunk_size: int, source: str | Path | None = None
+        self,
+        rows: Iterable[tuple[str, str, float]] | Iterable[tuple[int, float]],
+        chunk_size: int,
+        source: str | Path | None = None,
+        keyed: bool = False,
     ) -> int:
-        """Append ``(qid, pid, score)`` rows, one segment per ``chunk_size``; all or nothing.
+        """Append ``(qid, pid, score)`` rows (``keyed``: ``(pair key, score)`` rows), one segment per ``chunk_size``;
+        all or nothing.
 
         A score that is not finite in float32 raises :class:`~kdir.errors.NonFiniteScoreError` naming its pair.
         """
         written, n = [], 0
         try:
             for chunk in _batched(rows, chunk_size):
-                qids, pids, scores = zip(*chunk)
+                *ids, scores = zip(*chunk)
                 with np.errstate(over="ignore", invalid="ignore"):
                     values = np.asarray(scores, dtype=np.float64).astype(np.float32)
                 if not (finite := np.isfinite(values)).all():
                     i = int(np.flatnonzero(~finite)[0])
+                    pair = f"key={ids[0][i]:016x}" if keyed else f"qid={ids[0][i]!r}, pid={ids[1][i]!r}"
                     raise NonFiniteScoreError(
-                        f"{source or 'imported rows'}: the score {scores[i]!r} of (qid={qids[i]!r}, pid={pids[i]!r}) "
+                        f"{source or 'imported rows'}: the score {scores[i]!r} of ({pair}) "
                         "is NaN, infinite or beyond float32's range (|x| <= 3.4e38); fix or remove it, then import "
                         "again (nothing was imported)"
                     )
-                written.append(self.append(pair_keys_from_ids(qids, pids), values))
+                keys = np.asarray(ids[0], dtype=np.uint64) if keyed else pair_keys_from_ids(ids[0], ids[1])
+                written.append(self.append(keys, values))
                 n += len(chunk)
         except BaseException:
             for keys_file in written:
@@ -686,24 +875,23 @@ class ScoreStore:
         ``pos_score<TAB>neg_score<TAB>qid<TAB>pos_pid<TAB>neg_pid`` (both pairs of a line are stored). The file
         is streamed; a malformed line raises :class:`~kdir.errors.DataFormatError` and nothing is imported.
         """
-        if format == "pairs":
-            rows = ((qid, pid, score) for _, qid, pid, score in read_pair_scores(path))
-        elif format == "margin_scores":
-            rows = (
-                row
-                for _, ps, ns, qid, pos, neg in read_margin_scores(path)
-                for row in ((qid, pos, ps), (qid, neg, ns))
-            )
-        else:
+        if format not in ("pairs", "margin_scores"):
             raise ConfigError(f"unknown score format {format!r}: expected 'pairs' or 'margin_scores'")
-        return self._import_rows(rows, chunk_size, source=path)
+        return self.import_file(path, format, chunk_size)
 
     def import_jsonl(self, path: str | Path, chunk_size: int = 2_000_000) -> int:
         """Import ``{"qid": ..., "pid": ..., "score": ...}`` lines; returns the number of pairs read."""
+        return self.import_file(path, "jsonl", chunk_size)
 
-        if not Path(path).is_file():
-            raise MissingFileError(f"{path}: no such file")
-        return self._import_rows(((q, p, s) for _, q, p, s in read_jsonl_scores(path)), chunk_size, source=path)
+    def import_file(self, path: str | Path, format: str = "pairs", chunk_size: int = 2_000_000) -> int:
+        """Import a score file of any :data:`IMPORT_FORMATS` (streamed, all or nothing); returns the pairs read.
+
+        ``trec``: a TREC run ``qid Q0 pid rank score tag`` (its scores). ``keys``: ``<16 hex digits>\\t<score>``
+        lines, the pair keys and scores written by ``export format=keys`` (a lossless copy of a store).
+        """
+        if format == "keys":
+            return self._import_rows(((k, s) for _, k, s in read_key_scores(path)), chunk_size, path, keyed=True)
+        return self._import_rows(score_rows(path, format), chunk_size, source=path)
 
     @classmethod
     def import_new(
@@ -719,11 +907,11 @@ class ScoreStore:
 
         The store is built in a temporary folder next to ``path`` (:func:`kdir.utils.io.temp_path`) and renamed to
         ``path`` once every row is in, with ``meta["imported"]`` = ``{"file", "format", "size", "mtime_ns",
-        "pairs", "finished"}``: an interrupted import leaves no store at ``path``, only its temporary folder
-        (removed by a later import once its process is gone). ``format``: ``pairs``, ``margin_scores`` (see
-        :meth:`import_tsv`) or ``jsonl``. ``replace``: swap out the store now at ``path`` (an import that never
-        finished); otherwise a store at ``path`` is an error, unless another process has just published the same
-        finished import, which is then opened.
+        "pairs", "queries", "finished"}`` (``queries``: distinct query ids read; ``None`` for ``keys`` files): an
+        interrupted import leaves no store at ``path``, only its temporary folder (removed by a later import once
+        its process is gone). ``format``: one of :data:`IMPORT_FORMATS` (see :meth:`import_file`). ``replace``:
+        swap out the store now at ``path`` (an import that never finished); otherwise a store at ``path`` is an
+        error, unless another process has just published the same finished import, which is then opened.
         """
         path, source = Path(path), Path(source)
         if format not in IMPORT_FORMATS:
@@ -738,10 +926,12 @@ class ScoreStore:
         try:
             given = {"teacher": {"name": f"imported:{source}"}, "data": {"imported_from": str(source)}}
             store = cls.create(tmp, given | (meta or {}))
-            if format == "jsonl":
-                n = store.import_jsonl(source, chunk_size)
+            queries: set[str] | None = None
+            if format == "keys":
+                n = store.import_file(source, format, chunk_size)
             else:
-                n = store.import_tsv(source, format, chunk_size)  # type: ignore[arg-type]
+                queries = set()
+                n = store._import_rows(_noting_queries(score_rows(source, format), queries), chunk_size, source)
             after = source.stat()
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
                 raise OutputExistsError(f"{source} changed while it was imported; import it again once it is written")
@@ -751,6 +941,7 @@ class ScoreStore:
                 "size": before.st_size,
                 "mtime_ns": before.st_mtime_ns,
                 "pairs": n,
+                "queries": None if queries is None else len(queries),
                 "finished": _now(),
             }
             cls._write_meta(tmp, store.meta | {"imported": record, "count": len(store), "updated": _now()})
@@ -764,6 +955,27 @@ class ScoreStore:
         ):
             raise OutputExistsError(f"{path}: another process published another store there meanwhile")
         return published
+
+    @classmethod
+    def build_new(
+        cls, path: str | Path, meta: dict[str, Any], fill: Callable[[ScoreStore], Any], replace: bool = False
+    ) -> ScoreStore:
+        """Create a store at ``path`` atomically: ``fill(store)`` writes it in a temporary folder next to ``path``,
+        which is renamed into place when ``fill`` returns (``replace``: swapping out the store there); an error or
+        a kill leaves no store at ``path``. Returns the published store."""
+        path = Path(path)
+        if not replace and path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise OutputExistsError(f"{path}: exists; a new store needs a new path")
+        _remove_stale_imports(path)
+        tmp = temp_path(path)
+        try:
+            store = cls.create(tmp, meta)
+            fill(store)
+            del store
+            _publish_folder(tmp, path, replace)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls(path)
 
     def _scores(self, qids: tuple[str, ...], pids: tuple[str, ...], dest: str | Path) -> np.ndarray:
         scores = self.lookup(pair_keys_from_ids(qids, pids))
@@ -784,7 +996,7 @@ class ScoreStore:
         with atomic_write(path) as f:
             for chunk in _batched(pairs, chunk_size):
                 qids, pids = zip(*chunk)
-                scores = _score_text(self._scores(qids, pids, path))
+                scores = score_text(self._scores(qids, pids, path))
                 f.writelines(
                     json.dumps({"qid": q, "pid": p, "score": float(s)}) + "\n" for q, p, s in zip(qids, pids, scores)
                 )
@@ -802,8 +1014,8 @@ class ScoreStore:
         with atomic_write(path) as f:
             for chunk in _batched(triples, chunk_size):
                 qids, pos, neg = zip(*chunk)
-                ps = _score_text(self._scores(qids, pos, path))
-                ns = _score_text(self._scores(qids, neg, path))
+                ps = score_text(self._scores(qids, pos, path))
+                ns = score_text(self._scores(qids, neg, path))
                 f.writelines(f"{a}\t{b}\t{q}\t{p}\t{d}\n" for a, b, q, p, d in zip(ps, ns, qids, pos, neg))
                 n += len(chunk)
         return n

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from kdir.data.batch import TrainBatch
 from kdir.data.datamodule import DistillDataModule
@@ -23,6 +28,7 @@ from kdir.losses.base import Candidates, Loss
 from kdir.models.base import Scorer
 from kdir.retrieval.evaluators import RetrievalEvaluator
 from kdir.retrieval.metrics import write_trec_run
+from kdir.training.callbacks import is_logging_step
 from kdir.training.resume import gathered_rng_states, set_rng_states
 from kdir.training.signal import TeacherSignal
 from kdir.utils.io import save_json
@@ -49,8 +55,9 @@ class DistillModule(pl.LightningModule):
         gather_across_devices: ``inbatch`` layout only: score every query against the candidate documents of
             all ranks (gradients flow through the gather). Off by default: TCT-ColBERT and CollectiveKD use the
             per-device pool. Needs a single-vector student and no teacher or a bi-encoder teacher.
-        schedule: ``linear`` (warm-up then linear decay to 0) or ``constant`` (warm-up then constant, as
-            CollectiveKD's released training).
+        schedule: ``linear`` (warm-up then linear decay to 0), ``constant`` (warm-up then constant, as
+            CollectiveKD's released training) or ``cosine`` (warm-up then half a cosine to 0 at the last step, as
+            matchmaker's ``get_cosine_schedule_with_warmup``).
     """
 
     def __init__(
@@ -67,8 +74,8 @@ class DistillModule(pl.LightningModule):
         schedule: str = "linear",
     ):
         super().__init__()
-        if schedule not in ("linear", "constant"):
-            raise ConfigError(f"schedule must be linear or constant, got {schedule!r}")
+        if schedule not in ("linear", "constant", "cosine"):
+            raise ConfigError(f"schedule must be linear, constant or cosine, got {schedule!r}")
         if gather_across_devices and loss.layout != "inbatch":
             raise ConfigError("gather_across_devices needs the inbatch layout")
         self.student, self.loss, self.optimizer_factory, self.warmup = student, loss, optimizer, warmup
@@ -95,6 +102,10 @@ class DistillModule(pl.LightningModule):
             teacher = self.signal.scores(batch) if self.signal is not None else None
         student = student.float()
         mask = torch.ones_like(student, dtype=torch.bool) if teacher is None else ~torch.isnan(teacher)
+        if teacher is not None and self.signal.mode == "cached":
+            # NaN: a pair missing from the store (signal.force=true), masked; zeroed so that no loss's gradient
+            # sees it (0 · NaN is NaN). Other modes keep their NaNs: a teacher that outputs one is an error.
+            teacher = teacher.where(mask, 0.0)
         return Candidates(
             student, teacher, positive, mask, false_negative, self.loss.layout, batch.generated, embeddings
         )
@@ -124,29 +135,48 @@ class DistillModule(pl.LightningModule):
         positive = torch.where(positive >= 0, positive + offset, positive)
         return q @ docs.T, teacher, positive, false_negative
 
-    def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor | dict:
+        """The loss (and its terms, logged as ``train/loss/<name>``).
+
+        On logging steps (``trainer.log_every_n_steps``) it also returns the step's detached ``candidates`` and the
+        ``masked_fraction`` of teacher pairs (read in the step's finite check: no extra host sync) for
+        :class:`~kdir.training.callbacks.KDDiagnostics`.
+        """
         c = self.candidates(batch)
         terms = self.loss.terms(c)
         loss = sum(terms.values())
-        self._check_finite(c, terms, batch_idx)
+        diagnose = is_logging_step(self.trainer)
+        masked = (~c.mask).sum() if diagnose and c.teacher is not None else None
+        n_masked = self._check_finite(c, terms, batch_idx, masked)
         bs = len(c)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in terms.items():
             self.log(f"train/loss/{name}", value, batch_size=bs)
-        return loss
+        if not diagnose:
+            return loss
+        out = {"loss": loss, "candidates": replace(c, student=c.student.detach(), embeddings={})}
+        if n_masked is not None:
+            out["masked_fraction"] = n_masked / c.mask.numel()
+        return out
 
-    def _check_finite(self, c: Candidates, terms: dict[str, Tensor], batch_idx: int) -> None:
+    def _check_finite(
+        self, c: Candidates, terms: dict[str, Tensor], batch_idx: int, count: Tensor | None = None
+    ) -> int | None:
         """Stop before training on a non-finite teacher score or loss term (one host sync per step).
 
         Raises :class:`~kdir.errors.NonFiniteError` naming the step and the teacher or the loss terms; it ends the
-        run before anything (test results, metrics, the exported student) is written.
+        run before anything (test results, metrics, the exported student) is written. ``count``, a 0-d integer
+        tensor, is read in the same sync: its value is returned (``None`` without one).
         """
         checks = [(~torch.isfinite(v.detach())).sum() for v in terms.values()]
         if self.signal is not None and c.teacher is not None:
             checks.append(self.signal.nonfinite(c.teacher))
+        if count is not None:
+            checks.append(count)
         bad = torch.stack(checks).tolist()
+        value = bad.pop() if count is not None else None
         if not any(bad):
-            return
+            return value
         where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
         if len(bad) > len(terms) and bad[-1]:
             raise self.signal.nonfinite_error(c.teacher, where)
@@ -213,6 +243,8 @@ class DistillModule(pl.LightningModule):
         warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
         if self.schedule == "constant":
             sched = get_constant_schedule_with_warmup(opt, warmup)
+        elif self.schedule == "cosine":
+            sched = get_cosine_schedule_with_warmup(opt, warmup, max(total, 1))
         else:
             sched = get_linear_schedule_with_warmup(opt, warmup, max(total, 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

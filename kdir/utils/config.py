@@ -22,7 +22,7 @@ def _quickstart(what: str = "data") -> str:
     return ensure(what)
 
 
-def _quickstart_teacher(kind: str, *, _root_: DictConfig) -> str:
+def _quickstart_teacher(kind: str, seed: int = 0, *, _root_: DictConfig) -> str:
     """The quickstart's own ``kind`` teacher when the run trains on the quickstart; else the setting to fill in."""
     if "quickstart" not in (_root_.get("datasets") or {}):
         raise ConfigError(
@@ -31,7 +31,64 @@ def _quickstart_teacher(kind: str, *, _root_: DictConfig) -> str:
         )
     from kdir.training.quickstart_teachers import ensure_teacher
 
-    return ensure_teacher(kind)
+    return ensure_teacher(kind, int(seed))
+
+
+def _trains_on_quickstart(root: DictConfig) -> bool:
+    return OmegaConf.select(root, "data.train.name", default=None) == "quickstart"
+
+
+def _node(root: DictConfig, key: str, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The resolved config node ``key`` as a dict, without the keys ``drop`` (not resolved)."""
+    node = OmegaConf.select(root, key)
+    return {
+        k: OmegaConf.to_object(node[k]) if OmegaConf.is_config(node[k]) else node[k] for k in node if k not in drop
+    }
+
+
+def _quickstart_store(name: str, elsewhere: str | None = None, *, _root_: DictConfig) -> str:
+    """On the quickstart, its store of ``cfg.teacher``'s scores of the run's training pool (scored once); on other
+    data ``elsewhere`` (the usual store folder), or the setting to fill in."""
+    if not _trains_on_quickstart(_root_):
+        if elsewhere is None:
+            raise ConfigError("signal.store: no score store given: set signal.store=<dir> (python -m kdir.score)")
+        return elsewhere
+    from kdir.training.quickstart_teachers import ensure_store, settings_key
+
+    teacher, examples = _node(_root_, "teacher"), _node(_root_, "data.examples")
+    return ensure_store(
+        name,
+        settings_key(teacher, examples),
+        lambda: _instantiate(teacher),
+        lambda: _instantiate(_root_.data.train),
+        _instantiate(examples),
+    )
+
+
+def _quickstart_expansion(*, _root_: DictConfig) -> str:
+    """On the quickstart, the collective knowledge of its training queries built once with ``cfg.teacher``'s
+    ColBERT (its settings besides ``expansion``); on other data the setting to fill in."""
+    if not _trains_on_quickstart(_root_):
+        raise ConfigError(
+            "teacher.expansion: no expansion store given (only the offline quickstart builds its own): set "
+            "teacher.expansion=<dir> (python -m kdir.expand teacher.path=<ColBERT folder> data=<data> out=<dir>)"
+        )
+    from kdir.models import ColBERT
+    from kdir.training.quickstart_teachers import ensure_expansion, settings_key
+
+    settings = _node(_root_, "teacher", drop=("_target_", "expansion"))
+    settings.setdefault("similarity", "l2")  # CollectiveColBERT's default
+    return ensure_expansion(
+        settings_key(settings),
+        lambda: ColBERT.from_pretrained(**settings),
+        lambda: _instantiate(_root_.data.train),
+    )
+
+
+def _instantiate(node: Any) -> Any:
+    from hydra.utils import instantiate
+
+    return instantiate(node)
 
 
 def _pypi_model(package: str, hub_name: str) -> str:
@@ -57,7 +114,8 @@ def _run_uid() -> str:
 
 
 def register_resolvers() -> None:
-    """``${quickstart:data|model}``, ``${quickstart_teacher:colbert}``, ``${pypi_model:package,hub_name}``,
+    """``${quickstart:data|model}``, ``${quickstart_teacher:kind[,seed]}``, ``${quickstart_store:name[,elsewhere]}``,
+    ``${quickstart_expansion:}``, ``${pypi_model:package,hub_name}``,
     ``${wandb_offline:}``, ``${run_uid:}``.
 
     ``${run_uid:}`` is cached: one value per composed config (and per multirun, whose jobs share its cache).
@@ -65,6 +123,8 @@ def register_resolvers() -> None:
     resolvers = (
         ("quickstart", _quickstart),
         ("quickstart_teacher", _quickstart_teacher),
+        ("quickstart_store", _quickstart_store),
+        ("quickstart_expansion", _quickstart_expansion),
         ("pypi_model", _pypi_model),
         ("wandb_offline", _wandb_offline),
     )
