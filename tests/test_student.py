@@ -27,6 +27,7 @@ def test_mean_pooling_ignores_padding_and_skipped_tokens(quickstart):
 
 def test_encode_matches_manual_forward(tiny_student):
     texts = ["lorem ipsum", "a much longer text than the other one"]
+    tiny_student.eval()  # a shared fixture: another test may have left it training (dropout)
     tokens = tiny_student.doc_formatter(texts)
     with torch.no_grad():
         hidden = tiny_student.doc_encoder(**tokens).last_hidden_state

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT
@@ -38,12 +39,13 @@ def test_throughput_leaves_validation_out(monkeypatch):
 
     clock = iter([0.0, 1.0, 5.0, 25.0, 26.0])  # train start, batch, val start, val end, batch
     monkeypatch.setattr(cb.time, "perf_counter", lambda: next(clock))
+    trainer = SimpleNamespace(fast_dev_run=False, loggers=[], log_every_n_steps=50, global_step=0)  # no logging
     t = Throughput(warmup_steps=0)
-    t.on_train_start(None, None)
-    t.on_train_batch_end(None, None, None, None, 0)
-    t.on_validation_start(None, None)
-    t.on_validation_end(None, None)
-    t.on_train_batch_end(None, None, None, None, 1)
+    t.on_train_start(trainer, None)
+    t.on_train_batch_end(trainer, None, None, None, 0)
+    t.on_validation_start(trainer, None)
+    t.on_validation_end(trainer, None)
+    t.on_train_batch_end(trainer, None, None, None, 1)
     assert t.stamps == [0.0, 1.0, 6.0]  # 20 s of validation removed
     assert t.summary(8)["queries_per_s"] == pytest.approx(16 / 6)
 

@@ -81,6 +81,8 @@ def main() -> None:
     if extra.exists():
         data = json.loads(extra.read_text())
         record["stage_seconds"] = {k: data[k] for k in ("train_seconds", "eval_seconds", "seconds") if k in data}
+        if data.get("untrained"):  # kdir.run eval_untrained=true: the student's own start
+            record["untrained"] = data["untrained"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"recorded {out}: {seconds:.0f} s, {record['metrics']}")

@@ -4,7 +4,8 @@
 
 Reads ``<results>/<row>.json`` (written by ``record.py``; students as ``<row>_s<seed>.json``), writes
 ``<results>/results.md`` and ``<results>/chart.png`` and prints the table. Rows without records are listed
-as not run. Gap closed = (student − L3 zero-shot) / (teacher − L3 zero-shot), on nDCG@10.
+as not run. Gap closed = (student − start) / (teacher − start), on nDCG@10; the start is L3 zero-shot, or the row's
+own untrained student where it was measured (the asymmetric EmbedDistill student: L3 queries, L6 documents).
 """
 
 from __future__ import annotations
@@ -79,13 +80,16 @@ def build(results: Path) -> tuple[str, list[tuple[str, float, float]]]:
         cols = [fmt([r["metrics"][m] for r in recs]) for m in METRICS]
         gap = ""
         teacher = records.get(row.teacher or "", [])
-        if base is not None and teacher:
+        starts = [r["untrained"]["nDCG@10"] for r in recs if r.get("untrained")]
+        start = mean_std(starts)[0] if len(starts) == len(recs) else base  # a row's own start when it measured one
+        if start is not None and teacher:
             t = teacher[0]["metrics"]["nDCG@10"]
-            if t > base:
-                gaps = [(r["metrics"]["nDCG@10"] - base) / (t - base) for r in recs]
-                gap = f"{mean_std(gaps)[0]:+.0%} (of {t:.4f})"
+            own = f", from {start:.4f}" if start != base else ""
+            if t > start:
+                gaps = [(r["metrics"]["nDCG@10"] - start) / (t - start) for r in recs]
+                gap = f"{mean_std(gaps)[0]:+.0%} (of {t:.4f}{own})"
             else:  # nothing to close: the teacher is not above the student's start
-                gap = f"n/a (teacher {t:.4f} ≤ L3)"
+                gap = f"n/a (teacher {t:.4f} ≤ {'L3' if start == base else f'{start:.4f}'})"
         vals = [v for v in (best_val(r) for r in recs) if v is not None]
         dev = fmt(vals) if vals else ""
         secs = min(r["seconds"] for r in recs)  # the least disturbed run

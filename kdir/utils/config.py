@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from kdir.errors import ConfigError
 
@@ -48,20 +49,33 @@ def _node(root: DictConfig, key: str, drop: tuple[str, ...] = ()) -> dict[str, A
 
 def _quickstart_store(name: str, elsewhere: str | None = None, *, _root_: DictConfig) -> str:
     """On the quickstart, its store of ``cfg.teacher``'s scores of the run's training pool (scored once); on other
-    data ``elsewhere`` (the usual store folder), or the setting to fill in."""
+    data, or when the pool is drawn at random (nothing to score in advance), ``elsewhere`` (the usual store
+    folder), or the setting to fill in."""
     if not _trains_on_quickstart(_root_):
         if elsewhere is None:
             raise ConfigError("signal.store: no score store given: set signal.store=<dir> (python -m kdir.score)")
         return elsewhere
-    from kdir.training.quickstart_teachers import ensure_store, settings_key
+    from kdir.errors import KdirError
+    from kdir.training.quickstart_teachers import ensure_store, pool_is_fixed, settings_key
 
-    teacher, examples = _node(_root_, "teacher"), _node(_root_, "data.examples")
+    try:
+        teacher, examples = _node(_root_, "teacher"), _node(_root_, "data.examples")
+        sampler = _instantiate(examples)
+    except Exception as e:  # settings a run cannot build either (a user's to fix): the run says so, not this store
+        cause = e.__cause__ or e.__context__
+        if not isinstance(e, (KdirError, MissingMandatoryValue)) and not isinstance(cause, KdirError):
+            raise
+        sampler = None
+    if sampler is None or not pool_is_fixed(sampler):  # random negatives: no pool to score in advance
+        if elsewhere is None:
+            raise ConfigError("signal.store: no score store given: set signal.store=<dir> (python -m kdir.score)")
+        return elsewhere  # a cached run then asks for the store (or signal=fill)
     return ensure_store(
         name,
         settings_key(teacher, examples),
         lambda: _instantiate(teacher),
         lambda: _instantiate(_root_.data.train),
-        _instantiate(examples),
+        sampler,
     )
 
 
