@@ -56,7 +56,7 @@ from kdir.errors import (
     UnknownIdError,
 )
 from kdir.stores.keys import KEY_SCHEME
-from kdir.stores.score_store import sibling_store, teacher_differences
+from kdir.stores.score_store import _npy_payload, sibling_store, teacher_differences
 from kdir.utils.io import save_json, save_npy, stage_file
 
 __all__ = ["EmbeddingStore", "IncompleteStoreError", "ShardWriter", "embedding_meta", "shard_layout"]
@@ -149,19 +149,12 @@ def _npy_memmap(file: Path, dtype: Any, store: Path, rows: int | None = None) ->
     if not file.is_file():
         raise _damaged(file, "missing", store)
     try:
-        with open(file, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            if version not in read_header:
-                raise ValueError(f"unsupported .npy version {version}")
-            shape, fortran, got = read_header[version](f)
-            header = f.tell()
+        got, shape, need = _npy_payload(file)
     except ValueError as e:
         raise _damaged(file, f"unreadable .npy header ({e})", store) from None
-    if got != np.dtype(dtype) or len(shape) != 1 or fortran:
+    if got != np.dtype(dtype) or len(shape) != 1:
         raise _damaged(file, f"a {got} array of shape {shape}, expected 1-d {np.dtype(dtype)}", store)
-    size, need = file.stat().st_size, header + shape[0] * np.dtype(dtype).itemsize
-    if size != need:
+    if (size := file.stat().st_size) != need:
         raise _damaged(file, f"{size} bytes, but its header describes {need}", store)
     if rows is not None and shape[0] != rows:
         raise _damaged(file, f"{shape[0]} entries, but the shard has {rows} rows", store)
