@@ -71,6 +71,9 @@ class Scorer(nn.Module, ABC):
     name: ClassVar[str] = "scorer"
     multi_vector: ClassVar[bool] = False
     uses_query_keys: ClassVar[bool] = False
+    # documents are encoded independently of the query, so a document encoded once serves every query that
+    # ranks it: :meth:`query_reps` + :meth:`score_reps` (bi-encoders, ColBERT; not cross-encoders)
+    separable: ClassVar[bool] = False
     non_scoring: ClassVar[tuple[str, ...]] = ()  # settings of `config` that do not change a frozen model's scores
     # Settings added after score stores began recording provenance, with the value earlier versions always used: at
     # that value a setting is left out of the provenance, so the stores of earlier versions still match.
@@ -103,6 +106,20 @@ class Scorer(nn.Module, ABC):
     def outputs(self, inputs: dict[str, Tensor], positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Scores ``[B, C]``, query embeddings ``[B, d]`` and each query's ``positive``-column document embedding."""
         raise KdirError(f"{type(self).__name__} gives no embeddings to match")
+
+    def query_reps(self, queries: Sequence[str], query_keys: np.ndarray | None = None) -> tuple[Tensor, ...]:
+        """The representations of ``queries`` (on the model's device) that :meth:`score_reps` scores; ``query_keys``
+        are their id hashes, for models with :attr:`uses_query_keys`."""
+        raise KdirError(f"{type(self).__name__} does not encode queries apart from their documents")
+
+    def score_reps(self, queries: tuple[Tensor, ...], docs: tuple[Tensor, ...], candidates: Tensor) -> Tensor:
+        """``[B, C]`` fp32 scores of :meth:`query_reps` against encoded documents at ``candidates [B, C]``.
+
+        ``docs`` are one side's encodings of the distinct documents (``(emb [D, dim],)``, or ``(emb [D, L, dim],
+        mask [D, L])`` for multi-vector models, as :func:`kdir.retrieval.encode.encode_batch` gives them);
+        ``candidates[i, j]`` indexes their rows.
+        """
+        raise KdirError(f"{type(self).__name__} does not score pre-encoded documents")
 
     @abstractmethod
     def _save(self, path: Path) -> None:

@@ -227,6 +227,7 @@ class ColBERT(Scorer):
 
     name = "colbert"
     multi_vector = True  # a student of this kind is evaluated by MaxSim, not single-vector FAISS search
+    separable = True
     later_settings = LATER_SETTINGS
 
     def __init__(
@@ -362,8 +363,16 @@ class ColBERT(Scorer):
         side_inputs = {
             s: {k[len(s) + 1 :]: v for k, v in inputs.items() if k.startswith(s + "_")} for s in ("query", "doc")
         }
-        q, q_mask = self.encode(side_inputs["query"], "query")
-        d, d_mask = self.encode(side_inputs["doc"], "doc")
+        query = self.encode(side_inputs["query"], "query")
+        return self.score_reps(query, self.encode(side_inputs["doc"], "doc"), inputs["candidates"])
+
+    def query_reps(self, queries: Sequence[str], query_keys: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
+        """Query token embeddings ``[B, Lq, dim]`` and their MaxSim mask."""
+        return self.encode(to_device(self.query_formatter(queries), self.device), "query")
+
+    def score_reps(self, queries: tuple[Tensor, ...], docs: tuple[Tensor, ...], candidates: Tensor) -> Tensor:
+        """MaxSim of ``(q, q_mask)`` against ``(d [D, Ld, dim], d_mask)``, gathered at ``candidates``."""
+        (q, q_mask), (d, d_mask) = queries, docs
         scores = maxsim(
             q.float(),
             q_mask,
@@ -372,7 +381,7 @@ class ColBERT(Scorer):
             self.config["similarity"],
             masked_doc_tokens=self.config["masked_doc_tokens"],
         )
-        return scores.gather(1, inputs["candidates"])
+        return scores.gather(1, candidates.to(scores.device))
 
     def _save(self, path: Path) -> None:
         self.bert.save_pretrained(path)

@@ -134,11 +134,19 @@ class CollectiveColBERT(ColBERT):
         q, q_mask = self.encode(
             {"input_ids": inputs["query_input_ids"], "attention_mask": inputs["query_attention_mask"]}, "query"
         )
-        d, d_mask = self.encode(
-            {"input_ids": inputs["doc_input_ids"], "attention_mask": inputs["doc_attention_mask"]}, "doc"
-        )
-        expansion, weights = inputs["query_expansion"], inputs["query_expansion_weights"]
-        scores = collective_maxsim(
-            q, q_mask, expansion, weights, d, d_mask, self.config["similarity"], self.config["masked_doc_tokens"]
-        )
-        return scores.gather(1, inputs["candidates"])
+        d = self.encode({"input_ids": inputs["doc_input_ids"], "attention_mask": inputs["doc_attention_mask"]}, "doc")
+        query = (q, q_mask, inputs["query_expansion"], inputs["query_expansion_weights"])
+        return self.score_reps(query, d, inputs["candidates"])
+
+    def query_reps(self, queries: Sequence[str], query_keys: np.ndarray | None = None) -> tuple[Tensor, ...]:
+        """Query token embeddings, their mask, and each query's expansion vectors ``[B, k, dim]`` and weights."""
+        if query_keys is None:
+            raise KdirError("the collective ColBERT needs the queries' id hashes (query_keys) for their expansions")
+        vectors, weights = self.expansion.lookup(np.asarray(query_keys))
+        q, q_mask = super().query_reps(queries)
+        return q, q_mask, torch.from_numpy(vectors).to(q.device), torch.from_numpy(weights).to(q.device)
+
+    def score_reps(self, queries: tuple[Tensor, ...], docs: tuple[Tensor, ...], candidates: Tensor) -> Tensor:
+        """:func:`collective_maxsim` of ``(q, q_mask, expansion, weights)`` against ``(d, d_mask)``, gathered."""
+        scores = collective_maxsim(*queries, *docs, self.config["similarity"], self.config["masked_doc_tokens"])
+        return scores.gather(1, candidates.to(scores.device))

@@ -289,6 +289,7 @@ class DualEncoder(Scorer):
     """
 
     name = "dual_encoder"
+    separable = True
     non_scoring = ("freeze_doc_encoder",)  # a training setting: a frozen teacher scores the same either way
     later_settings = {  # per-side settings, at the values of the versions before them
         "add_sep": True,
@@ -495,7 +496,16 @@ class DualEncoder(Scorer):
     def forward(self, inputs: dict) -> Tensor:
         """Scores ``[B, C]`` of the prepared batch: every document encoded once, full matrix, then gathered."""
         q, d = self.embed(inputs)
-        return self.score_matrix(q, d).float().gather(1, inputs["candidates"].to(q.device))  # [B, C]
+        return self.score_reps((q,), (d,), inputs["candidates"])  # [B, C]
+
+    def query_reps(self, queries: Sequence[str], query_keys: np.ndarray | None = None) -> tuple[Tensor]:
+        """Query embeddings ``(q [B, dim],)``."""
+        return (self.encode(to_device(self.query_formatter(queries), self.device), "query"),)
+
+    def score_reps(self, queries: tuple[Tensor, ...], docs: tuple[Tensor, ...], candidates: Tensor) -> Tensor:
+        """Inner products of ``(q,)`` and ``(d [D, dim],)``, gathered at ``candidates``."""
+        scores = self.score_matrix(queries[0], docs[0].to(queries[0].dtype)).float()
+        return scores.gather(1, candidates.to(scores.device))
 
     def outputs(self, inputs: dict, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Scores ``[B, C]``, query embeddings ``[B, dim]`` and each query's ``positive``-column document's

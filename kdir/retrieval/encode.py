@@ -21,13 +21,16 @@ from kdir.models.base import Scorer, to_device
 Side = Literal["query", "doc"]
 
 
-def encode_batch(model: Scorer, tokens: dict[str, Tensor], side: Side) -> tuple[Tensor, ...]:
-    """Encodings of one tokenised batch: ``(emb fp32 [N, dim],)`` or ``(emb fp16 [N, L, dim], mask [N, L])``."""
+def encode_batch(
+    model: Scorer, tokens: dict[str, Tensor], side: Side, token_dtype: torch.dtype = torch.float16
+) -> tuple[Tensor, ...]:
+    """Encodings of one tokenised batch: ``(emb fp32 [N, dim],)`` or ``(emb [N, L, dim], mask [N, L])`` with token
+    embeddings in ``token_dtype`` (fp16: half the memory of a corpus' tokens)."""
     if not model.multi_vector:
         return (model.encode(tokens, side).float(),)
     emb, mask = model.encode(tokens, side)
     pad = model.config[f"{side}_max_length"] - emb.shape[1]
-    return F.pad(emb.half(), (0, 0, 0, pad)), F.pad(mask, (0, pad))
+    return F.pad(emb.to(token_dtype), (0, 0, 0, pad)), F.pad(mask, (0, pad))
 
 
 @torch.inference_mode()
@@ -39,10 +42,11 @@ def encode_texts(
     device: str | torch.device | None = None,
     progress: bool = False,
     out_device: str | torch.device = "cpu",
+    token_dtype: torch.dtype = torch.float16,
 ) -> tuple[Tensor, ...]:
     """Encode ``texts`` of one side in length-sorted batches, in eval mode; rows in the order of ``texts``.
 
-    Returns :func:`encode_batch`'s tensors for all texts, on ``out_device``.
+    Returns :func:`encode_batch`'s tensors for all texts (token embeddings in ``token_dtype``), on ``out_device``.
     """
     from tqdm.auto import tqdm
 
@@ -55,7 +59,7 @@ def encode_texts(
     try:
         for s in tqdm(range(0, len(texts), batch_size), desc=f"encode {side}", disable=not progress, unit="batch"):
             idx = order[s : s + batch_size]
-            out = encode_batch(model, to_device(fmt([texts[i] for i in idx]), device), side)
+            out = encode_batch(model, to_device(fmt([texts[i] for i in idx]), device), side, token_dtype)
             parts.append(tuple(t.to(out_device) for t in out))
     finally:
         model.train(was_training)

@@ -220,12 +220,17 @@ def _candidate_lists(dataset: IRDataset, run_file: str, depth: int) -> list[np.n
 class RerankEvaluator:
     """Re-rank the top-``depth`` candidates of a first-stage run with any scorer (e.g. a cross-encoder teacher).
 
+    Models whose documents encode apart from the query (:attr:`~kdir.models.base.Scorer.separable`: bi-encoders,
+    ColBERT, the collective ColBERT) encode each distinct candidate document once per evaluation, in length-sorted
+    batches, and score every query against those encodings; cross-encoders score every (query, document) pair.
+
     Args:
         dataset: the split (queries, qrels, corpus).
         run_file: the first-stage TREC run (e.g. ``run.trec`` of ``python -m kdir.evaluate``).
         depth: candidates re-ranked per query.
         metrics: ir-measures strings.
         batch_size: queries per scoring call.
+        encode_batch_size: documents per encoding call (separable models).
     """
 
     def __init__(
@@ -235,15 +240,11 @@ class RerankEvaluator:
         depth: int = 100,
         metrics: Sequence[str] = DEFAULT_METRICS,
         batch_size: int = 8,
+        encode_batch_size: int = 128,
     ):
         parse_measures(metrics)
-        self.dataset, self.run_file, self.depth, self.metrics, self.batch_size = (
-            dataset,
-            run_file,
-            depth,
-            list(metrics),
-            batch_size,
-        )
+        self.dataset, self.run_file, self.depth, self.metrics = dataset, run_file, depth, list(metrics)
+        self.batch_size, self.encode_batch_size = batch_size, encode_batch_size
 
     @torch.no_grad()
     def evaluate(self, model, device: str | torch.device | None = None, progress: bool = True) -> tuple[dict, Run]:
@@ -252,6 +253,7 @@ class RerankEvaluator:
         ds, cands = self.dataset, _candidate_lists(self.dataset, self.run_file, self.depth)
         model.eval()
         uses_keys = model.uses_query_keys  # the collective ColBERT: per-query expansions
+        encoded = self._encode_candidates(model, cands, progress) if model.separable else None
         run: Run = {}
         for s in tqdm(range(0, len(cands), self.batch_size), desc="re-rank", disable=not progress):
             rows = range(s, min(s + self.batch_size, len(cands)))
@@ -267,17 +269,52 @@ class RerankEvaluator:
                 ]
             )
             docs, inverse = np.unique(grid, return_inverse=True)
-            keys = {"query_keys": id_hashes([ds.queries.ids[i] for i in rows])} if uses_keys else {}
-            inputs = model.prepare(
-                [ds.queries.texts[i] for i in rows],
-                [ds.corpus.texts[d] for d in docs],
-                inverse.reshape(grid.shape),
-                **keys,
-            )
-            scores = model(inputs).float().cpu().numpy()
+            inverse = inverse.reshape(grid.shape)
+            queries = [ds.queries.texts[i] for i in rows]
+            keys = id_hashes([ds.queries.ids[i] for i in rows]) if uses_keys else None
+            if encoded is None:
+                inputs = model.prepare(queries, [ds.corpus.texts[d] for d in docs], inverse, **_keys(keys))
+                scores = model(inputs)
+            else:
+                codes, reps = encoded
+                doc_reps = _batch_docs(model, tuple(t[np.searchsorted(codes, docs)] for t in reps))
+                scores = model.score_reps(model.query_reps(queries, keys), doc_reps, torch.from_numpy(inverse))
+            scores = scores.float().cpu().numpy()
             for r, i in enumerate(rows):
                 run[ds.queries.ids[i]] = {ds.corpus.ids[d]: float(x) for d, x in zip(cands[i], scores[r])}
         return evaluate_run(run, ds.qrels, self.metrics), run
+
+    def _encode_candidates(
+        self, model: Scorer, cands: list[np.ndarray], progress: bool
+    ) -> tuple[np.ndarray, tuple[torch.Tensor, ...]] | None:
+        """The sorted distinct candidate codes and their document encodings (CPU), each document once."""
+        nonempty = [c for c in cands if len(c)]
+        if not nonempty:
+            return None
+        codes = np.unique(np.concatenate(nonempty))
+        texts = [self.dataset.corpus.texts[c] for c in codes]
+        # fp32 token embeddings: re-ranked scores are the model's own (the candidates of one evaluation, not a corpus)
+        reps = encode_texts(
+            model, texts, "doc", batch_size=self.encode_batch_size, progress=progress, token_dtype=torch.float32
+        )
+        return codes, reps
+
+
+def _keys(keys: np.ndarray | None) -> dict:
+    return {} if keys is None else {"query_keys": keys}
+
+
+def _batch_docs(model: Scorer, reps: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A batch's document encodings on the model's device. Token embeddings (padded to the model's document length
+    by :func:`encode_batch`) are cut back to the batch's longest document, as a batch tokenised together is padded:
+    with ``masked_doc_tokens`` other than ``exclude`` padding positions score, and the scores then equal those of
+    ``model(prepare(...))`` (each document's last token, ``[SEP]``, is in the mask)."""
+    reps = tuple(t.to(model.device) for t in reps)
+    if not model.multi_vector:
+        return reps
+    emb, mask = reps
+    width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+    return emb[:, :width], mask[:, :width]
 
 
 class MaxSimEvaluator(RetrievalEvaluator):
