@@ -10,6 +10,7 @@ which reads finished folders):
 ``train_teacher``    train a teacher with hard labels
 ``score``            score candidate pairs with a teacher into a score store (resumable, multi-process)
 ``mine``             hard negatives from a student's own index
+``encode``           a corpus (or queries) into an embedding store on disk (streamed, resumable, multi-process)
 ``expand``           CollectiveKD's PRF collective knowledge into an expansion store
 ``generate_queries`` EmbedDistill's unlabelled generated queries
 ``store``            score stores from the shell: info, verify, import, export, merge

@@ -22,7 +22,21 @@ from kdir.stores import ExpansionStore
 from kdir.utils import Setting, resolve_device, task_wrapper
 from kdir.utils.settings import count, positive_int
 
-SETTINGS = ("mode", "ranking", "depth", "fb_docs", "fb_clusters", "fb_k", "beta", "neighbours", "overwrite")
+SETTINGS = (
+    "mode",
+    "ranking",
+    "depth",
+    "fb_docs",
+    "fb_clusters",
+    "fb_k",
+    "beta",
+    "neighbours",
+    "overwrite",
+    "candidates",
+    "token_store",
+    "token_index",
+    "faiss_depth",
+)
 
 
 def expand(cfg: DictConfig) -> ExpansionStore:
@@ -38,6 +52,7 @@ def expand(cfg: DictConfig) -> ExpansionStore:
         **settings,
         batch_size=cfg.batch_size,
         faiss_gpu=cfg.faiss_gpu,
+        train_sample=cfg.train_sample,
         seed=cfg.seed,
         progress=cfg.progress,
     )
@@ -46,7 +61,7 @@ def expand(cfg: DictConfig) -> ExpansionStore:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="expand")
 @task_wrapper(
     settings={"depth": count(), "beta": Setting(float, 0)}  # depth=0: no teacher ranking (rf mode)
-    | dict.fromkeys(("fb_docs", "fb_clusters", "fb_k", "neighbours"), positive_int())
+    | dict.fromkeys(("fb_docs", "fb_clusters", "fb_k", "neighbours", "faiss_depth"), positive_int())
 )
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: :func:`expand`."""

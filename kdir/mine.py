@@ -45,6 +45,9 @@ def mine(cfg: DictConfig) -> dict[str, float]:
         nprobe=cfg.nprobe,
         ef_search=cfg.ef_search,
         index_path=cfg.index_path,
+        corpus_store=cfg.corpus_store,
+        index_shards=cfg.index_shards,
+        train_sample=cfg.train_sample,
     )
     device = resolve_device(cfg.device)
     encoder = instantiate(cfg.student).to(device)

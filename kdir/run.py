@@ -21,11 +21,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
 import kdir  # noqa: F401  (registers config resolvers)
-from kdir.errors import KdirError, MissingFileError
+from kdir.errors import ConfigError, KdirError
 from kdir.training.module import DistillModule
 from kdir.training.resume import checkpoint_step, keep_logged_rows
 from kdir.utils import instantiate_group, print_metrics, save_json, task_wrapper
-from kdir.utils.rundir import checkpoint_file
+from kdir.utils.rundir import resume_from
 
 log = logging.getLogger("kdir.run")
 
@@ -51,6 +51,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         signal = instantiate(cfg.signal, model=teacher)
     val = instantiate(cfg.eval.val) if cfg.eval.get("val") else None
     test = instantiate(cfg.eval.test) if cfg.eval.get("test") else None
+    _check_in_memory(cfg, val, test, out)
 
     datamodule = instantiate(cfg.data)  # the training split, its examples and batching
     if signal is not None:
@@ -76,7 +77,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
             cfg.callbacks.model_checkpoint.monitor = None  # no validation: keep the last checkpoint
     callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    ckpt_path = _resume_from(cfg, out)
+    ckpt_path = resume_from(cfg, out)
     if ckpt_path is not None and rank_zero_only.rank == 0:  # (DDP ranks are set up by fit: read from the env)
         step = checkpoint_step(ckpt_path)
         kept = sum(keep_logged_rows(lg, step) for lg in loggers)
@@ -111,6 +112,19 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         _report(results, test, out, best)
     _leave_process_group()
     return results
+
+
+def _check_in_memory(cfg: DictConfig, val, test, out: Path) -> None:
+    """kdir.run evaluates through its Lightning loaders, in memory: refuse an evaluator's ``corpus_store``."""
+    for stage, evaluator in (("val", val), ("test", test)):
+        if getattr(evaluator, "corpus_store", None) is not None:
+            choice = HydraConfig.get().runtime.choices.get("eval") if HydraConfig.initialized() else None
+            raise ConfigError(
+                f"eval.{stage}.corpus_store={evaluator.corpus_store}: kdir.run evaluates in memory through its "
+                f"Lightning loaders; set eval.{stage}.corpus_store=null, and evaluate the exported student from a "
+                f"store afterwards: python -m kdir.evaluate student=checkpoint student.path={out / 'student'} "
+                f"eval={choice or '<eval>'} eval.test.corpus_store={evaluator.corpus_store}"
+            )
 
 
 def _export(cfg: DictConfig, student, folder: Path, results: dict, steps: int) -> None:
@@ -161,23 +175,6 @@ def _leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def _resume_from(cfg: DictConfig, out: Path) -> str | None:
-    """The checkpoint to continue from: ``ckpt_path``, or with ``resume=true`` the run folder's ``last.ckpt``."""
-    if cfg.get("ckpt_path"):
-        return str(checkpoint_file(cfg.ckpt_path))
-    if not cfg.get("resume"):
-        return None
-    folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None) or out / "checkpoints"
-    last = Path(folder) / "last.ckpt"
-    if not last.is_file():
-        shown = last.relative_to(out) if last.is_relative_to(out) else last
-        raise MissingFileError(
-            f"resume=true: nothing to resume in {out}: no {shown} (the run stopped before its first checkpoint); "
-            "start it again in a new folder, or give a checkpoint file with ckpt_path=..."
-        )
-    return str(last)
 
 
 def _report(results: dict, test, out: Path, best: str | None) -> None:

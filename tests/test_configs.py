@@ -23,7 +23,17 @@ from test_run import PAPER_RECIPES
 import kdir  # noqa: F401  (registers the config resolvers)
 from kdir.errors import KdirError
 
-PRIMARY = ["run", "evaluate", "evaluate_teacher", "train_teacher", "score", "mine", "expand", "generate_queries"]
+PRIMARY = [
+    "run",
+    "evaluate",
+    "evaluate_teacher",
+    "train_teacher",
+    "score",
+    "mine",
+    "encode",
+    "expand",
+    "generate_queries",
+]
 REQUIRED = {"score": ["teacher=cross_encoder"]}  # primary configs with a mandatory group choice
 NOT_GROUPS = {"hydra", "datasets"}  # hydra's own settings; datasets/ are configs loaded by the options that use them
 

@@ -256,8 +256,19 @@ def test_other_data_or_layout_is_refused(de_store, tiny_student, corpus, tmp_pat
     shutil.copytree(de_store.path, path)
     with pytest.raises(OutputExistsError, match=r"embeddings of other data \(data.count 400 -> 50"):
         encode_into_store(tiny_student, texts[:50], ids[:50], path, "doc", BATCH, CHUNK, dataset="quickstart/test")
+    # a finished store is reused as it is, whatever layout wrote it; an unfinished one must resume with its own
+    reused = encode_into_store(tiny_student, texts, ids, path, "doc", BATCH, 64, dataset="quickstart/test")
+    assert reused.meta["chunk_size"] == CHUNK and np.array_equal(
+        reused.lookup(reused.keys()), de_store.lookup(de_store.keys())
+    )
+    meta = embedding_meta(
+        tiny_student.provenance(), "doc", de_store.dim, False, id_hashes(ids), "quickstart/test", 1, CHUNK
+    )
+    EmbeddingStore.create(tmp_path / "started.emb", meta)  # started, no chunk written yet
     with pytest.raises(ConfigError, match=r"started with 1 processes and chunk_size=96 \(chunk_size 96 -> 64\)"):
-        encode_into_store(tiny_student, texts, ids, path, "doc", BATCH, 64, dataset="quickstart/test")
+        encode_into_store(
+            tiny_student, texts, ids, tmp_path / "started.emb", "doc", BATCH, 64, dataset="quickstart/test"
+        )
 
 
 def _copy(store: EmbeddingStore, tmp_path: Path) -> tuple[Path, Path]:

@@ -16,6 +16,7 @@ COMMANDS = {
     "train_teacher",
     "score",
     "mine",
+    "encode",
     "expand",
     "generate_queries",
     "store",

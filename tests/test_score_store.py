@@ -1,9 +1,10 @@
-"""The teacher score store: stable keys, segments, compaction, import / export, concurrent appenders."""
+"""The teacher score store: stable keys, segments, compaction, import / export, concurrent (tiered) appenders."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import xxhash
 from kdir.errors import DataFormatError, UnknownIdError
 from kdir.stores import ScoreStore, id_hashes, pair_keys
 from kdir.stores.keys import pair_keys_from_ids
+from kdir.stores.score_store import TieredAppender
 
 META = {"teacher": {"name": "cross-encoder", "weights": "abc123"}, "data": {"dataset": "msmarco-passage/train"}}
 
@@ -254,3 +256,50 @@ def test_iter_pairs_streams_each_pair_once_and_write_sorted_publishes_one_segmen
     with pytest.raises(ValueError, match="NaN"):
         copy.write_sorted([(keys[:2], np.array([1.0, np.inf]))])
     assert [p.name for p in (copy.path / "segments").iterdir() if not p.name.startswith("seg-000001-")] == []
+
+
+def _tiered_writer(path: str, seed: int, n: int, start) -> None:
+    writer = TieredAppender(ScoreStore.open(path), fanout=2)
+    rng = np.random.default_rng(seed)
+    start.wait(timeout=60)
+    for _ in range(n):
+        writer.append(*_random_pairs(rng, 150))
+
+
+def test_two_tiered_writers_in_two_processes_keep_every_pair_while_a_reader_reads(store):
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(3)
+    procs = [ctx.Process(target=_tiered_writer, args=(str(store.path), seed, 12, start)) for seed in (1, 2)]
+    for p in procs:
+        p.start()
+    start.wait(timeout=60)
+    reader = ScoreStore.open(store.path)
+    probe = np.arange(2048, dtype=np.uint64)
+    while any(p.is_alive() for p in procs):  # reads while the writers' segments are merged and removed
+        reader.refresh_if_changed()
+        assert np.isnan(reader.lookup(probe)).all()
+        time.sleep(0.005)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    reader.refresh()
+    for seed in (1, 2):
+        rng = np.random.default_rng(seed)
+        for _ in range(12):
+            keys, values = _random_pairs(rng, 150)
+            np.testing.assert_array_equal(reader.lookup(keys), values)
+    # 12 appends each: 12 = 0b1100, so 2 segments per writer; before: 24 segments
+    assert len(reader) == 2 * 12 * 150 and len(reader.segments()) == 4
+
+
+def test_a_pickled_store_travels_by_path_and_maps_its_segments_again(store):
+    import pickle
+
+    keys, values = _random_pairs(np.random.default_rng(4), 100_000)
+    store.append(keys, values)
+    blob = pickle.dumps(store)
+    assert len(blob) < 1000  # the path, not 1.2 MB of scores (what a spawned dataloader worker receives)
+    copy = pickle.loads(blob)
+    np.testing.assert_array_equal(copy.lookup(keys), values)
+    store.append(keys[:1], [7.0])
+    assert copy.refresh_if_changed() and copy.lookup(keys[:1]).tolist() == [7.0]

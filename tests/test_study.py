@@ -92,3 +92,31 @@ def test_record_reads_the_validation_curve_and_test_metrics(tmp_path):
     assert record.test_metrics(tmp_path) == {"nDCG@10": 0.4}
     (tmp_path / "metrics.json").write_text(json.dumps({"metrics": {"nDCG@10": 0.7}, "train_seconds": 3.0}))
     assert record.test_metrics(tmp_path) == {"nDCG@10": 0.7}
+
+
+def test_every_command_of_the_study_composes(tmp_path):
+    """Each ``python -m kdir.<command> ...`` line the study's Makefile runs (``make -n``) composes with Hydra: no
+    override names a key the config lacks."""
+    import shlex
+    import shutil
+    import subprocess
+
+    from conftest import compose_cfg
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    printed = subprocess.run(
+        ["make", "-n", "-B", "-f", str(STUDY / "Makefile"), f"PYTHON={sys.executable}", "all", "speed"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.replace("\\\n", " ")  # fmt: skip
+    composed = set()
+    for line in printed.splitlines():
+        words = shlex.split(line)
+        if "-m" not in words or not words[words.index("-m") + 1].startswith("kdir."):
+            continue
+        at = words.index("-m")
+        command = words[at + 1].removeprefix("kdir.")
+        overrides = [w for w in words[at + 2 :] if not w.startswith("hydra.")]
+        compose_cfg(tmp_path, overrides, name=command)
+        composed.add(command)
+    assert {"run", "evaluate", "train_teacher", "score", "expand", "evaluate_teacher", "mine"} <= composed

@@ -46,12 +46,20 @@ def candidate_columns(batch_size: int, n_neg: int, layout: Layout) -> np.ndarray
 
 @dataclass
 class TeacherFill:
-    """The pairs of a batch missing from the score store, prepared for the teacher (``fill`` mode)."""
+    """The pairs of a batch missing from the score store, prepared for the teacher (``fill`` mode).
 
-    inputs: dict[str, Tensor]  # the teacher's prepared inputs, one candidate per missing pair
-    rows: Tensor  # [M] batch row of each missing pair
-    cols: Tensor  # [M] candidate column of each missing pair
-    keys: Tensor  # [M] int64 view of the pairs' uint64 store keys
+    The ``M`` missing entries of the ``[B, C]`` scores hold ``U <= M`` distinct pairs (a query in several rows, a
+    document in several columns): each is scored once. ``queries`` / ``docs`` let the training step prepare a subset
+    of them again (those scored meanwhile are not scored twice).
+    """
+
+    inputs: dict[str, Tensor]  # the teacher's prepared inputs, one candidate per distinct missing pair [U]
+    rows: Tensor  # [M] batch row of each missing entry
+    cols: Tensor  # [M] candidate column of each missing entry
+    keys: Tensor  # [U] int64 view of the distinct pairs' uint64 store keys
+    pairs: Tensor  # [M] the distinct pair (index into keys) of each missing entry
+    queries: Tensor  # [U] dataset query code of each distinct pair
+    docs: Tensor  # [U] dataset document code of each distinct pair
 
 
 @dataclass

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from kdir.data.batch import Layout, Preparer, TrainBatch, candidate_columns
 from kdir.data.dataset import IRDataset
-from kdir.data.examples import positive_keys
+from kdir.data.examples import Examples, RunNegatives, positive_keys
 from kdir.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 class SignalCollate(Protocol):
     """What the collator asks of a teacher signal (:class:`kdir.training.signal.TeacherSignal`): its batch
-    entries (``teacher_scores`` / ``teacher_inputs`` / ``teacher_fill``) for the batch's candidates."""
+    entries (``teacher_scores`` / ``teacher_inputs`` / ``teacher_fill``) for the batch's candidates, and, for the
+    inbatch layout, an index of the pairs its store holds among those the examples can give each query."""
 
     def collate(
         self,
@@ -30,7 +31,26 @@ class SignalCollate(Protocol):
         query_texts: list[str],
         doc_texts: list[str],
         n_generated: int = 0,
+        own: np.ndarray | None = None,
     ) -> dict[str, Any]: ...
+
+    def index_candidates(self, pair_codes: np.ndarray) -> None: ...
+
+
+def own_candidate_codes(examples: Examples, positives: np.ndarray, n_docs: int) -> np.ndarray | None:
+    """Sorted unique ``query * n_docs + doc`` of every pair the examples can make one of a query's own candidates:
+    the labelled ``positives`` (:func:`~kdir.data.examples.positive_keys`), fixed negatives, or a run sampler's pool
+    (as :func:`kdir.stores.scoring.candidate_pairs`); ``None`` when negatives may be any document of the corpus."""
+    parts = [np.asarray(positives, dtype=np.int64)]
+    if examples.negatives is not None:
+        parts.append((examples.queries[:, None] * n_docs + examples.negatives).ravel())
+    elif examples.sampler is not None and examples.n_negatives > 0:
+        if not isinstance(examples.sampler, RunNegatives):
+            return None
+        pool, counts = examples.sampler.pool, examples.sampler.counts
+        q, slot = np.nonzero(np.arange(pool.shape[1])[None, :] < counts[:, None])
+        parts.append(q * n_docs + pool[q, slot])
+    return np.unique(np.concatenate(parts))
 
 
 class TrainCollator:
@@ -44,6 +64,10 @@ class TrainCollator:
     With ``generated`` queries (EmbedDistill), ``generated_per_batch`` of them are drawn for every batch and
     appended as extra rows over the same in-batch documents, with no positive (``-1``) and ``generated=True``:
     losses that read labels skip them.
+
+    With the inbatch layout and the training ``examples`` given, the signal indexes the stored pairs among those the
+    examples can give each query (:func:`own_candidate_codes`), and a batch looks up each row's own candidates and,
+    in its other columns, only the indexed pairs (``B(1+n)`` plus the stored pairs, instead of ``B²(1+n)`` keys).
     """
 
     def __init__(
@@ -55,6 +79,7 @@ class TrainCollator:
         generated: GeneratedQueries | None = None,
         generated_per_batch: int = 0,
         seed: int = 0,
+        examples: Examples | None = None,
     ):
         if generated is not None and generated_per_batch > 0 and layout != "inbatch":
             raise ConfigError("generated queries need the inbatch layout (they have no documents of their own)")
@@ -64,6 +89,10 @@ class TrainCollator:
         self.seed = seed
         self.positive_keys = positive_keys(dataset)
         self.n_docs = len(dataset.corpus)
+        if layout == "inbatch" and signal is not None and examples is not None:
+            codes = own_candidate_codes(examples, self.positive_keys, self.n_docs)
+            if codes is not None:
+                signal.index_candidates(codes)
 
     def __call__(self, item: dict) -> TrainBatch:
         q, pos, neg = item["queries"], item["positives"], item["negatives"]
@@ -85,7 +114,10 @@ class TrainCollator:
             candidates = np.concatenate([candidates, np.broadcast_to(candidates[:1], (g, candidates.shape[1]))])
             positive = np.concatenate([positive, np.full(g, -1)])
             is_pos = np.concatenate([is_pos, np.zeros((g, is_pos.shape[1]), dtype=bool)])
-        teacher = {} if self.signal is None else self.signal.collate(q, unique, candidates, qtexts, dtexts, g)
+        teacher = {}
+        if self.signal is not None:
+            own = candidate_columns(b, n, "pairwise") if self.layout == "inbatch" else None  # [B, 1+n] columns
+            teacher = self.signal.collate(q, unique, candidates, qtexts, dtexts, g, own=own)
         return TrainBatch(
             inputs=self.prepare(qtexts, dtexts, candidates),
             positive=torch.from_numpy(positive),

@@ -168,6 +168,7 @@ class DistillDataModule(pl.LightningDataModule):
             self.generated,
             self.generated_per_batch,
             self.seed,
+            examples=self.examples,  # the inbatch layout indexes the stored pairs among the examples' candidates
         )
         return DataLoader(
             self.stream,

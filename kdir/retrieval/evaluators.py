@@ -74,6 +74,14 @@ class RetrievalEvaluator:
             fingerprint). :meth:`evaluate` loads it instead of encoding the corpus when the record matches the
             model (class, settings, weights hash), the corpus (ids and texts hashes) and the factory; when it does
             not, the index is rebuilt and the file replaced (a warning says what differed).
+        corpus_store: encode the corpus into this :class:`~kdir.stores.EmbeddingStore` folder (streamed chunk by
+            chunk to disk, resumable; reused as it is when it holds this model's encodings of this corpus, e.g. from
+            ``python -m kdir.encode`` on many GPUs) and build the index from it a chunk at a time: memory holds the
+            index and one chunk, not the corpus. ``None``: the corpus is encoded in memory.
+        index_shards: split the FAISS index into this many shards (``faiss.IndexShards``, one per GPU in turn when
+            faiss sees GPUs; top-k merged by faiss). Needs ``corpus_store``.
+        train_sample: vectors drawn from the store to train an index that needs it (IVF, PQ; default 131,072).
+        query_batch_size: queries encoded and searched at a time.
     """
 
     uses_faiss = True  # MaxSim subclasses search without FAISS: no index to check, save or reuse
@@ -89,6 +97,10 @@ class RetrievalEvaluator:
         nprobe: int | None = None,
         ef_search: int | None = None,
         index_path: str | Path | None = None,
+        corpus_store: str | Path | None = None,
+        index_shards: int = 1,
+        train_sample: int | None = None,
+        query_batch_size: int = 65536,
     ):
         parse_measures(metrics)  # fail early on a bad name
         for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
@@ -98,6 +110,13 @@ class RetrievalEvaluator:
         self.index_factory, self.use_gpu, self.batch_size = index_factory, use_gpu, batch_size
         self.nprobe, self.ef_search = nprobe, ef_search
         self.index_path = Path(index_path) if index_path else None
+        self.corpus_store = Path(corpus_store) if corpus_store else None
+        for name, value in (("index_shards", index_shards), ("query_batch_size", query_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r}: expected an integer >= 1")
+        if index_shards > 1 and self.corpus_store is None:
+            raise ConfigError(f"index_shards={index_shards} needs corpus_store=<dir>: shards are built from the store")
+        self.index_shards, self.train_sample, self.query_batch_size = index_shards, train_sample, query_batch_size
         self._knobs: dict[int, dict] = {}
         self._corpus_fingerprint: dict | None = None
         if self.uses_faiss:
@@ -186,13 +205,53 @@ class RetrievalEvaluator:
         kw = dict(batch_size=self.batch_size, device=device, progress=progress, out_device=self._out_device(model))
         knobs = self.check_model(model, device)
         saved = self._saved_index(model) if self.uses_faiss and self.index_path is not None else None
-        queries = encode_texts(model, self.dataset.queries.texts, "query", **kw)
         if saved is not None:
-            run = self._search(to_gpu(saved, self.index_factory, self.use_gpu), queries, knobs)
+            index = to_gpu(saved, self.index_factory, self.use_gpu)
+        elif self.corpus_store is not None:
+            index = self._index_from_store(model, device, progress)
         else:
+            queries = encode_texts(model, self.dataset.queries.texts, "query", **kw)
             docs = encode_texts(model, self.dataset.corpus.texts, "doc", **kw)
             run = self.retrieve(queries, docs, model)
+            return self.score(run), run
+        run = self._search_in_batches(index, model, knobs, kw)
         return self.score(run), run
+
+    def _index_from_store(self, model: Scorer, device: str | torch.device | None, progress: bool):
+        """The corpus encoded into ``corpus_store`` (or found there) and indexed from it chunk by chunk."""
+        from kdir.retrieval.store_index import build_index_from_store
+        from kdir.retrieval.stream_encode import encode_into_store
+
+        corpus = self.dataset.corpus
+        store = encode_into_store(
+            model,
+            corpus.texts,
+            corpus.ids,
+            self.corpus_store,
+            "doc",
+            batch_size=self.batch_size,
+            progress=progress,
+            dataset=self.dataset.name,
+            device=device,
+        )
+        start = time.perf_counter()
+        index, _ = build_index_from_store(
+            store, self.index_factory, "ip", self.train_sample, self.use_gpu, shards=self.index_shards
+        )
+        log.info("index %s over %d documents built from %s in %.1f s", self.index_factory, index.ntotal,
+                 self.corpus_store, time.perf_counter() - start)  # fmt: skip
+        if self.index_path is not None:
+            self._save(index, model)
+        return index
+
+    def _search_in_batches(self, index, model: Scorer, knobs: dict, kw: dict) -> Run:
+        """Encode and search ``query_batch_size`` queries at a time."""
+        texts, parts = self.dataset.queries.texts, []
+        for s in range(0, len(texts), self.query_batch_size):
+            q = encode_texts(model, texts[s : s + self.query_batch_size], "query", **kw)[0]
+            parts.append(search_index(index, q.float().cpu().numpy(), self.depth, knobs, self.nprobe, self.ef_search))
+        scores, rows = (np.concatenate(p) for p in zip(*parts))
+        return run_from_topk(self.dataset.queries.ids, self.dataset.corpus.ids, scores, rows)
 
     def _out_device(self, model: Scorer) -> str | torch.device:
         return "cpu"  # FAISS reads host memory
@@ -318,10 +377,12 @@ def _batch_docs(model: Scorer, reps: tuple[torch.Tensor, ...]) -> tuple[torch.Te
 
 
 class MaxSimEvaluator(RetrievalEvaluator):
-    """End-to-end ColBERT retrieval by exhaustive MaxSim over the whole corpus (fine up to ~10^5 documents).
+    """End-to-end ColBERT retrieval by exhaustive MaxSim over the whole corpus.
 
     Token embeddings are kept in fp16, padded to the model's maximum lengths; each block of queries is
-    scored against every document and the top-``depth`` kept (:func:`kdir.retrieval.search.maxsim_search`).
+    scored against every document and the top-``depth`` kept (:func:`kdir.retrieval.search.maxsim_search`). In
+    memory by default (fine up to ~10^5 documents); with ``corpus_store`` the tokens go to an embedding store on disk
+    and are searched from it a chunk at a time (memory bounded; the cost stays one MaxSim per query and document).
     """
 
     uses_faiss = False
@@ -333,8 +394,9 @@ class MaxSimEvaluator(RetrievalEvaluator):
         metrics: Sequence[str] = DEFAULT_METRICS,
         batch_size: int = 64,
         doc_chunk: int = 1024,
+        corpus_store: str | Path | None = None,
     ):
-        super().__init__(dataset, metrics, depth, batch_size=batch_size)
+        super().__init__(dataset, metrics, depth, batch_size=batch_size, corpus_store=corpus_store)
         self.doc_chunk = doc_chunk
 
     def retrieve(self, queries: tuple[torch.Tensor, ...], docs: tuple[torch.Tensor, ...], model: Scorer) -> Run:
@@ -352,6 +414,40 @@ class MaxSimEvaluator(RetrievalEvaluator):
             masked_doc_tokens=model.config.get("masked_doc_tokens", "exclude"),
         )
         return run_from_topk(self.dataset.queries.ids, self.dataset.corpus.ids, scores, rows)
+
+    def evaluate(
+        self, model: Scorer, device: str | torch.device | None = None, progress: bool = True
+    ) -> tuple[dict[str, float], Run]:
+        """Encode and search in one process; with ``corpus_store`` the document tokens are streamed to the store
+        and searched from it ``doc_chunk`` documents at a time (:func:`~kdir.retrieval.store_index.
+        maxsim_search_store`), so memory holds one chunk, not the corpus."""
+        if self.corpus_store is None:
+            return super().evaluate(model, device, progress)
+        from kdir.retrieval.store_index import maxsim_search_store
+        from kdir.retrieval.stream_encode import encode_into_store
+
+        if not model.multi_vector:
+            raise KdirError(f"MaxSim evaluation needs a multi-vector model (ColBERT), got {type(model).__name__}")
+        corpus = self.dataset.corpus
+        store = encode_into_store(
+            model, corpus.texts, corpus.ids, self.corpus_store, "doc", batch_size=self.batch_size,
+            progress=progress, dataset=self.dataset.name, device=device,
+        )  # fmt: skip
+        kw = dict(batch_size=self.batch_size, device=device, progress=progress, out_device=model.device)
+        queries = encode_texts(model, self.dataset.queries.texts, "query", **kw)
+        scores, rows = maxsim_search_store(
+            queries,
+            store,
+            self.depth,
+            model.config["similarity"],
+            self.batch_size,
+            self.doc_chunk,
+            model.device,
+            masked_doc_tokens=model.config.get("masked_doc_tokens", "exclude"),
+            pad_to=model.config["doc_max_length"],
+        )
+        run = run_from_topk(self.dataset.queries.ids, corpus.ids, scores, rows)
+        return self.score(run), run
 
     def _out_device(self, model: Scorer) -> str | torch.device:
         return model.device  # the token embeddings stay where MaxSim runs

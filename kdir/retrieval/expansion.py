@@ -6,6 +6,13 @@ passages, computed with the ColBERT teacher: corpus encoding, idf, feedback pass
 :mod:`kdir.retrieval.prf`. :func:`expand_queries` writes a :class:`kdir.stores.ExpansionStore` (plus the teacher's
 top-``depth`` ranking, ``<out>/ranking.trec``: CollectiveKD's hard-negative pool). ``python -m kdir.expand`` and the
 quickstart's collective teacher run it.
+
+In memory by default; with ``token_store`` the document tokens are streamed to an embedding store on disk (resumable,
+reused by later expansions with the same teacher and corpus) and every step reads them from there, so memory holds
+the token index and a chunk (:mod:`kdir.retrieval.prf`). ``token_index`` is the FAISS factory of the index that
+labels centroids (``Flat``: exact, the default; e.g. ``IVF65536,PQ32`` at MS MARCO scale, as CollectiveKD's ColBERT
+index); ``candidates=token_index`` finds the teacher's own ranking through it (ColBERT v1's end-to-end retrieval)
+instead of exhaustive MaxSim, and ``ranking=<run>`` takes the feedback from any first-stage run.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from kdir.data.dataset import IRDataset
 from kdir.data.formats import read_trec_run
 from kdir.errors import KdirError
 from kdir.models.colbert import ColBERT
-from kdir.retrieval.metrics import Run, run_from_topk, write_trec_run
+from kdir.retrieval.encode import encode_texts
+from kdir.retrieval.metrics import Run, write_trec_run
 from kdir.retrieval.prf import (
-    CorpusTokens,
+    StoreTokenPool,
     collective_knowledge,
     document_frequencies,
     encode_corpus,
@@ -33,7 +41,9 @@ from kdir.retrieval.prf import (
     ranked_feedback,
     relevance_feedback,
     skip_mask,
+    store_document_frequencies,
     teacher_ranking,
+    token_index_ranking,
     token_strings,
 )
 from kdir.stores import ExpansionStore, id_hashes
@@ -61,8 +71,21 @@ def check_settings(
     beta: float = 1.0,
     neighbours: int = 10,
     overwrite: bool = False,
+    candidates: str = "exhaustive",
+    token_store: str | Path | None = None,
+    token_index: str = "Flat",
+    faiss_depth: int = 256,
 ) -> None:
     """Refuse bad settings and an occupied ``out`` before any encoding."""
+    from kdir.retrieval.search import check_factory
+
+    if candidates not in ("exhaustive", "token_index"):
+        raise KdirError(f"candidates={candidates!r}: expected exhaustive (MaxSim over the corpus) or token_index")
+    if candidates == "token_index" and token_store is None:
+        raise KdirError("candidates=token_index needs token_store=<dir> (the tokens it retrieves are read from it)")
+    if faiss_depth < 1:
+        raise KdirError(f"faiss_depth={faiss_depth}: expected a positive number of token hits per query token")
+    check_factory(token_index, "token_index")
     if mode not in ("prf", "rf"):
         raise KdirError(f"mode must be 'prf' (teacher top-{fb_docs}) or 'rf' (labelled positives), got {mode!r}")
     if beta < 0 or fb_docs < 1 or fb_clusters < 1 or fb_k < 1 or neighbours < 1:
@@ -78,16 +101,15 @@ def check_settings(
 def _ranking(
     model: ColBERT,
     dataset: IRDataset,
-    corpus: CorpusTokens,
+    search,
     mode: str,
     ranking: str | Path | None,
     depth: int,
     fb_docs: int,
-    batch_size: int,
-    progress: bool,
     timings: dict[str, float],
 ) -> tuple[Run | None, list[np.ndarray] | None]:
-    """The training queries' ranking (read or computed) and, in prf mode, their feedback documents."""
+    """The training queries' ranking (read, or ``search(depth)``: ``(scores, rows)``) and, in prf mode, their feedback
+    documents."""
     ids = dataset.queries.ids
     if ranking is not None:
         run = read_trec_run(ranking)
@@ -96,8 +118,23 @@ def _ranking(
     if depth < 1:
         return None, None
     with _timed("search", timings):
-        scores, rows = teacher_ranking(model, dataset.queries.texts, corpus, depth, batch_size, progress=progress)
-    return run_from_topk(ids, dataset.corpus.ids, scores, rows), list(rows[:, :fb_docs])
+        scores, rows = search(depth)
+    run = {
+        q: {dataset.corpus.ids[r]: float(x) for r, x in zip(rr, ss) if r >= 0} for q, rr, ss in zip(ids, rows, scores)
+    }
+    return run, [r[:fb_docs][r[:fb_docs] >= 0] for r in rows]
+
+
+def _probe_enough(index, k: int) -> None:
+    """An IVF token index visits enough lists for ``k`` hits per search (:func:`~kdir.retrieval.search.auto_nprobe`;
+    faiss's default of one list would label centroids from a single cell)."""
+    from kdir.retrieval.search import _param_space, auto_nprobe, index_knobs
+
+    nlist = index_knobs(index)["nlist"]
+    if nlist is not None:
+        nprobe = min(nlist, auto_nprobe(nlist, index.ntotal, k))
+        _param_space().set_index_parameter(index, "nprobe", nprobe)
+        log.info("token index: nprobe %d of %d lists", nprobe, nlist)
 
 
 def expand_queries(
@@ -118,6 +155,11 @@ def expand_queries(
     seed: int = 42,
     overwrite: bool = False,
     progress: bool = True,
+    token_store: str | Path | None = None,
+    token_index: str = "Flat",
+    train_sample: int | None = None,
+    candidates: str = "exhaustive",
+    faiss_depth: int = 256,
 ) -> ExpansionStore:
     """Expand every query of ``dataset`` with the frozen ColBERT ``model``; write and return the store at ``out``.
 
@@ -127,34 +169,77 @@ def expand_queries(
         depth: depth of the teacher ranking written to ``<out>/ranking.trec`` (rf mode: 0 skips it).
         fb_docs / fb_clusters / fb_k / beta / neighbours: ColBERT-PRF's settings (feedback passages, k-means
             clusters, expansion vectors kept, weight ``beta * idf``, corpus tokens voting for a centroid's token).
+        token_store: stream the document tokens to this embedding store folder (``None``: in memory).
+        token_index: FAISS ``index_factory`` of the token index labelling centroids (and, with
+            ``candidates=token_index``, retrieving); ``train_sample`` tokens train it when it needs training.
+        candidates: ``exhaustive`` (MaxSim against every document) or ``token_index`` (ColBERT v1's end-to-end
+            retrieval, ``faiss_depth`` token hits per query token; needs ``token_store``).
     """
     from kdir.retrieval.search import build_index
+    from kdir.retrieval.store_index import build_index_from_store, maxsim_search_store
+    from kdir.retrieval.stream_encode import encode_into_store
 
     if not isinstance(model, ColBERT):
         raise KdirError(f"the expansion stage needs a ColBERT teacher (teacher=colbert), got {type(model).__name__}")
-    check_settings(out, mode, ranking, depth, fb_docs, fb_clusters, fb_k, beta, neighbours, overwrite)
+    check_settings(
+        out, mode, ranking, depth, fb_docs, fb_clusters, fb_k, beta, neighbours, overwrite, candidates, token_store,
+        token_index, faiss_depth,
+    )  # fmt: skip
     torch.manual_seed(seed)
     timings: dict[str, float] = {}
-    with _timed("encode", timings):
-        corpus = encode_corpus(model, dataset.corpus.texts, batch_size, progress)
-    with _timed("idf", timings):
-        df = document_frequencies(corpus.token_ids.numpy(), corpus.mask.numpy(), len(model.tokenizer))
-        idf = inverse_document_frequency(df, len(corpus))
-    run, feedback = _ranking(model, dataset, corpus, mode, ranking, depth, fb_docs, batch_size, progress, timings)
+    vocab = len(model.tokenizer)
+    similarity, masked = model.config["similarity"], model.config.get("masked_doc_tokens", "exclude")
+    if token_store is None:
+        with _timed("encode", timings):
+            corpus = encode_corpus(model, dataset.corpus.texts, batch_size, progress)
+        with _timed("idf", timings):
+            idf = inverse_document_frequency(
+                document_frequencies(corpus.token_ids.numpy(), corpus.mask.numpy(), vocab), len(corpus)
+            )
+        pool = corpus.pool()
+        with _timed("token_index", timings):
+            index = build_index(pool.embeddings, token_index, faiss_gpu)
+
+        def search(k: int) -> tuple[np.ndarray, np.ndarray]:
+            return teacher_ranking(model, dataset.queries.texts, corpus, k, batch_size, progress=progress)
+    else:
+        with _timed("encode", timings):
+            store = encode_into_store(
+                model, dataset.corpus.texts, dataset.corpus.ids, token_store, "doc", batch_size=batch_size,
+                progress=progress, dataset=dataset.name,
+            )  # fmt: skip
+        pool = StoreTokenPool(store)
+        with _timed("idf", timings):
+            idf = inverse_document_frequency(store_document_frequencies(pool, vocab), len(store))
+        with _timed("token_index", timings):
+            index, _ = build_index_from_store(store, token_index, "ip", train_sample, faiss_gpu, seed=seed)
+
+        def search(k: int) -> tuple[np.ndarray, np.ndarray]:
+            texts = dataset.queries.texts
+            if candidates == "token_index":
+                return token_index_ranking(model, texts, pool, index, k, faiss_depth, batch_size, progress)
+            queries = encode_texts(model, texts, "query", batch_size, progress=progress, out_device=model.device)
+            return maxsim_search_store(
+                queries, store, k, similarity, batch_size, device=model.device, masked_doc_tokens=masked,
+                pad_to=model.config["doc_max_length"],
+            )  # fmt: skip
+
+    _probe_enough(index, max(neighbours, faiss_depth if candidates == "token_index" else 0))
+    run, feedback = _ranking(model, dataset, search, mode, ranking, depth, fb_docs, timings)
     if mode == "rf":
         feedback = relevance_feedback(dataset, fb_docs)
     settings = {"fb_clusters": fb_clusters, "fb_k": fb_k, "beta": beta, "neighbours": neighbours, "seed": seed}
     with _timed("clustering", timings):
-        pool = corpus.pool()
-        index = build_index(pool.embeddings, "Flat", faiss_gpu)
         exp = collective_knowledge(
             feedback, pool, index, idf, skip_mask(model.tokenizer), **settings, progress=progress
         )
     meta = {
         "teacher": model.provenance(),
-        "data": {"dataset": dataset.name, "n_docs": len(corpus), "n_train_queries": len(dataset.queries)},
+        "data": {"dataset": dataset.name, "n_docs": len(dataset.corpus), "n_train_queries": len(dataset.queries)},
         "mode": mode,
-        "ranking": str(ranking) if ranking else "teacher MaxSim",
+        "ranking": str(ranking) if ranking else f"teacher MaxSim ({candidates})",
+        "token_store": str(token_store) if token_store else None,
+        "token_index": token_index,
         "fb_docs": fb_docs,
         "kmeans_init": "avg_step_position",
         **settings,

@@ -13,7 +13,14 @@ ColBERT-PRF: Wang et al., ICTIR 2021). ``python -m kdir.expand`` runs them in or
 6. weight ``w = β·idf(label)``; the ``fb_k`` heaviest centroids (unnormalised), their weights and token strings
    go to a :class:`kdir.stores.ExpansionStore` at ``out``.
 
-The whole corpus is held in memory (fp16 token embeddings) and searched exhaustively: fine up to ~10^5 passages.
+By default the corpus' token embeddings are held in memory (fp16) and searched exhaustively: fine up to ~10^5
+passages. At scale (``token_store=<dir>`` of ``kdir.expand``) they are streamed to a multi-vector
+:class:`~kdir.stores.EmbeddingStore` on disk and every step reads them from there (:class:`StoreTokenPool`): the idf a
+chunk of documents at a time (:func:`store_document_frequencies`), the feedback passages from a given ranking, from
+exhaustive MaxSim a chunk at a time, or from the token index as ColBERT v1's end-to-end retrieval does
+(:func:`token_index_ranking`: each query token's nearest ``faiss_depth`` corpus tokens nominate their documents, which
+are then re-ranked by exact MaxSim), and the centroid labels from a FAISS index over the stored tokens built with any
+``index_factory`` (CollectiveKD labels centroids with ColBERT's compressed IVF-PQ token index).
 """
 
 from __future__ import annotations
@@ -37,14 +44,27 @@ from kdir.models.colbert import ColBERT
 from kdir.retrieval.encode import encode_texts
 from kdir.retrieval.metrics import Run
 from kdir.retrieval.search import maxsim_search
+from kdir.stores import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------- 1. corpus
 
 
+class _Pool:
+    offsets: np.ndarray
+
+    def doc_rows(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, lengths)``: the pool rows of ``docs``' tokens concatenated in order, and each doc's length."""
+        docs = np.asarray(docs, dtype=np.int64)
+        starts = self.offsets[docs]
+        lengths = self.offsets[docs + 1] - starts
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return np.repeat(starts, lengths) + within, lengths
+
+
 @dataclass
-class TokenPool:
+class TokenPool(_Pool):
     """The unmasked document tokens of a corpus, document after document (a ColBERT index without compression).
 
     Attributes:
@@ -57,13 +77,34 @@ class TokenPool:
     token_ids: np.ndarray
     offsets: np.ndarray
 
-    def doc_rows(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(rows, lengths)``: the pool rows of ``docs``' tokens concatenated in order, and each doc's length."""
-        docs = np.asarray(docs, dtype=np.int64)
-        starts = self.offsets[docs]
-        lengths = self.offsets[docs + 1] - starts
-        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return np.repeat(starts, lengths) + within, lengths
+
+class _StoreRows:
+    """Rows of a multi-vector store's token vectors (fp32) or token ids, read from its memory maps when indexed."""
+
+    def __init__(self, store: EmbeddingStore, token_ids: bool):
+        self.store, self.ids = store, token_ids
+        self.shape = (store.n_vectors,) if token_ids else (store.n_vectors, store.dim)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        out = self.store.vector_rows(np.asarray(rows, dtype=np.int64).reshape(-1), token_ids=self.ids)
+        out = out.astype(np.int64 if self.ids else np.float32)
+        return out.reshape(*np.shape(rows), *self.shape[1:])
+
+
+class StoreTokenPool(_Pool):
+    """:class:`TokenPool`'s interface over a multi-vector embedding store (its documents in corpus order): the token
+    vectors and ids stay on disk; only the offsets (8 bytes per document) are in memory."""
+
+    def __init__(self, store: EmbeddingStore):
+        if not store.multi_vector:
+            raise KdirError(f"{store.path}: the expansion stage needs a multi-vector (ColBERT) token store")
+        self.store = store
+        self.offsets = np.zeros(len(store) + 1, dtype=np.int64)
+        np.cumsum(store.lengths(), out=self.offsets[1:])
+        self.embeddings, self.token_ids = _StoreRows(store, False), _StoreRows(store, True)
 
 
 @dataclass
@@ -122,6 +163,20 @@ def document_frequencies(token_ids: np.ndarray, mask: np.ndarray, vocab_size: in
     return df
 
 
+def store_document_frequencies(pool: StoreTokenPool, vocab_size: int, chunk: int = 65536) -> np.ndarray:
+    """:func:`document_frequencies` of the documents of a token store, read ``chunk`` documents at a time."""
+    df = np.zeros(vocab_size, dtype=np.int64)
+    n = len(pool.offsets) - 1
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        ids = pool.token_ids[np.arange(pool.offsets[lo], pool.offsets[hi])]
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise KdirError(f"token ids must lie in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
+        doc = np.repeat(np.arange(hi - lo, dtype=np.int64), np.diff(pool.offsets[lo : hi + 1]))
+        df += np.bincount(np.unique(doc * vocab_size + ids) % vocab_size, minlength=vocab_size)
+    return df
+
+
 def inverse_document_frequency(df: np.ndarray, n_docs: int) -> np.ndarray:
     """``idf(t) = ln((1 + N) / (df(t) + 1))`` (ColBERT-PRF, as in CollectiveKD's released code)."""
     return np.log((1.0 + n_docs) / (np.asarray(df, dtype=np.float64) + 1.0))
@@ -163,6 +218,52 @@ def ranked_feedback(
 ) -> list[np.ndarray]:
     """Per query, the corpus rows of its top-``fb_docs`` documents in ``run`` (empty if the run lacks it)."""
     return [corpus.codes(top_ranked(run.get(q, {}), fb_docs), source=source) for q in query_ids]
+
+
+@torch.no_grad()
+def token_index_ranking(
+    model: ColBERT,
+    queries: Sequence[str],
+    pool: StoreTokenPool,
+    index,
+    depth: int,
+    faiss_depth: int = 256,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """ColBERT v1's end-to-end retrieval (Khattab & Zaharia 2020, §3.6): each query token's ``faiss_depth`` nearest
+    corpus tokens in ``index`` (over the pool's vectors) nominate their documents; each query's nominated documents
+    are re-ranked by exact MaxSim over their stored tokens. ``(scores float32 [Q, depth], doc rows int64 [Q, depth])``,
+    best first (row -1, score -inf, where fewer documents were nominated). Cost: one index search per query token and
+    one MaxSim per nominated document, not per corpus document."""
+    from kdir.models.colbert import maxsim
+
+    q_emb, q_mask = encode_texts(model, list(queries), "query", batch_size, progress=progress)
+    n_docs = len(pool.offsets) - 1
+    scores = np.full((len(queries), depth), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), depth), -1, dtype=np.int64)
+    pad_to, similarity = model.config["doc_max_length"], model.config["similarity"]
+    masked = model.config.get("masked_doc_tokens", "exclude")
+    for s in tqdm(range(0, len(queries), batch_size), desc="token-index retrieval", disable=not progress):
+        qe, qm = q_emb[s : s + batch_size].float(), q_mask[s : s + batch_size]
+        tokens = qe[qm].numpy()  # the query tokens that take part in MaxSim
+        _, hits = index.search(np.ascontiguousarray(tokens), faiss_depth)
+        owner = np.repeat(np.arange(len(qe)), qm.sum(1).numpy())  # the query of each query token
+        docs = np.searchsorted(pool.offsets, hits, side="right") - 1  # the document of each token hit
+        valid = (hits >= 0) & (docs < n_docs)
+        pairs = np.unique(np.repeat(owner, faiss_depth)[valid.reshape(-1)] * n_docs + docs[valid])
+        nominated, column = np.unique(pairs % n_docs, return_inverse=True)
+        emb, mask = pool.store.lookup(pool.store.keys_at(nominated), pad_to=pad_to)
+        full = maxsim(qe.to(model.device), qm.to(model.device), torch.from_numpy(emb).float().to(model.device),
+                      torch.from_numpy(mask).to(model.device), similarity, masked_doc_tokens=masked).cpu()  # fmt: skip
+        allowed = torch.full_like(full, float("-inf"))
+        allowed[torch.from_numpy(pairs // n_docs), torch.from_numpy(column)] = 0.0
+        top = (full + allowed).topk(min(depth, full.shape[1]), dim=1)
+        k = top.values.shape[1]
+        found = torch.isfinite(top.values).numpy()
+        scores[s : s + len(qe), :k] = np.where(found, top.values.numpy(), -np.inf)
+        rows[s : s + len(qe), :k] = np.where(found, nominated[top.indices.numpy()], -1)
+    return scores, rows
 
 
 def relevance_feedback(dataset: IRDataset, fb_docs: int) -> list[np.ndarray]:
@@ -228,7 +329,7 @@ def nearest_token_ids(index, token_ids: np.ndarray, vectors: np.ndarray, n: int)
     the L2 ranking (``‖v − x‖² = ‖v‖² + 1 − 2⟨v, x⟩``) even for unnormalised centroids.
     """
     _, rows = index.search(np.ascontiguousarray(vectors, dtype=np.float32), n)
-    return np.where(rows >= 0, np.asarray(token_ids)[np.maximum(rows, 0)], -1)
+    return np.where(rows >= 0, token_ids[np.maximum(rows, 0)], -1)
 
 
 def label_centroids(neighbour_ids: np.ndarray, skip: np.ndarray) -> np.ndarray:
@@ -276,7 +377,7 @@ class Expansions:
 
 
 def _cluster_chunk(
-    feedback: Sequence[np.ndarray], pool: TokenPool, fb_clusters: int, seed: int
+    feedback: Sequence[np.ndarray], pool: TokenPool | StoreTokenPool, fb_clusters: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Centroids ``[n, fb_clusters, dim]`` of each query's feedback tokens, and which exist ``[n, fb_clusters]``."""
     dim = pool.embeddings.shape[1]
@@ -292,7 +393,7 @@ def _cluster_chunk(
 
 def collective_knowledge(
     feedback: Sequence[np.ndarray],
-    pool: TokenPool,
+    pool: TokenPool | StoreTokenPool,
     index,
     idf: np.ndarray,
     skip: np.ndarray,

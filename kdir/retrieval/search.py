@@ -78,6 +78,8 @@ def index_knobs(index: Any) -> dict[str, Any]:
     """Which search knobs a CPU index has: ``{"nlist": IVF lists or None, "hnsw": bool, "hnsw_quantizer": bool}``."""
     import faiss
 
+    while isinstance(index, (faiss.IndexShards, faiss.IndexReplicas)) and index.count():
+        index = index.at(0)  # sharded or replicated: the knobs of its parts (alike)
     ivf = faiss.try_extract_index_ivf(index)
     inner = faiss.downcast_index(index)
     while isinstance(inner, (faiss.IndexPreTransform, faiss.IndexRefine, faiss.IndexIDMap)):

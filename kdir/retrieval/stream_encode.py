@@ -183,6 +183,9 @@ def encode_into_store(
             model.provenance(), side, probe[0].shape[-1], model.multi_vector, keys, dataset, world_size, chunk_size
         )
         store = EmbeddingStore.create(path, meta)
+        if store.complete:  # this encoder's encodings of these texts, written before (with any layout): reuse them
+            log.info("%s holds these encodings already: reused", path)
+            return EmbeddingStore.open(path)
         start, stop, _ = shard_layout(len(keys), chunk_size, world_size, rank)
         writer = store.writer(rank, keys[start:stop])
         try:

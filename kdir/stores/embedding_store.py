@@ -271,8 +271,9 @@ class EmbeddingStore:
         """Create a store described by ``meta`` (:func:`embedding_meta`), or reopen the one there (to resume it).
 
         An existing store must match: another encoder (:func:`~kdir.stores.teacher_differences`), side, dimension
-        or id list is refused with a sibling path to write to instead; another number of shards or chunk size is
-        refused too (its chunks would not line up). Safe to call from every rank at once.
+        or id list is refused with a sibling path to write to instead; an unfinished store started with another
+        number of shards or chunk size is refused too (its chunks would not line up), a finished one is reused as it
+        is. Safe to call from every rank at once.
         """
         path = Path(path)
         if missing := [k for k in _REQUIRED if k not in meta]:
@@ -316,8 +317,10 @@ class EmbeddingStore:
             if meta.get(k) != given[k]  # the same encoder gives the same shapes: only a hand-made meta differs
         ]
         old, new = meta.get("data", {}), given["data"]
-        differ += [
-            f"data.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted({*old, *new}) if old.get(k) != new.get(k)
+        differ += [  # the ids are the data's identity; its name is a label (the splits of one corpus share a store)
+            f"data.{k} {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted({*old, *new} - {"dataset"})
+            if old.get(k) != new.get(k)
         ]
         if differ:
             raise OutputExistsError(
@@ -325,7 +328,7 @@ class EmbeddingStore:
                 f"{sibling_store(path, [given['encoder'], given['side'], given['data']])}"
             )
         layout = [f"{k} {meta.get(k)} -> {given[k]}" for k in ("shards", "chunk_size") if meta.get(k) != given[k]]
-        if layout:
+        if layout and not self.complete:  # a finished store is read as it is, whatever wrote it
             raise ConfigError(
                 f"{path} was started with {meta.get('shards')} processes and chunk_size={meta.get('chunk_size')} "
                 f"({'; '.join(layout)}): resume it with the same ones, or delete it to start over"
@@ -543,6 +546,19 @@ class EmbeddingStore:
         ids = np.zeros((len(keys), width), dtype=np.int64)
         ids[mask] = self._vector_rows(flat, token_ids=True)
         return vectors, mask, ids
+
+    def keys_at(self, rows: np.ndarray) -> np.ndarray:
+        """uint64 id hashes of the store rows ``rows`` (any order)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty(len(rows), dtype=np.uint64)
+        for shard, sel, local in self._by_shard(rows):
+            out[sel] = shard.keys[local]
+        return out
+
+    def vector_rows(self, rows: np.ndarray, token_ids: bool = False) -> np.ndarray:
+        """Stored vectors (fp16 ``[n, dim]``) or, with ``token_ids``, their int32 token ids, by global vector row
+        (multi-vector stores: the row of a token vector in store order, ``[0, n_vectors)``)."""
+        return self._vector_rows(np.asarray(rows, dtype=np.int64).reshape(-1), token_ids)
 
     def _vector_rows(self, rows: np.ndarray, token_ids: bool = False) -> np.ndarray:
         """Global vector rows gathered from the shards' memory maps (fp16 ``[n, dim]``, or int32 token ids)."""

@@ -14,7 +14,8 @@ segment is visible complete or not at all. ``<n>`` is one more than the highest 
 segment is published, so a later append sorts (and wins on duplicate keys) after an earlier one. ``<tag>``
 is a random ``_<hex>`` for :meth:`ScoreStore.append`, or the caller's name (``append(..., name=...)``,
 :meth:`ScoreStore.append_segment`); it keeps appenders in different processes from ever writing the same file
-(two concurrent appends may share ``<n>``: they are then ordered by tag).
+(two concurrent appends may share ``<n>``: they are then ordered by tag). A merged segment (:meth:`ScoreStore.merge`)
+is numbered and tagged as its newest part, with ``-`` appended to the tag.
 
 Each segment file is hashed (xxh64) as it is written and read back before it is published. Opening a store
 checks every segment file's size against its checksum record (for segments written before checksums existed,
@@ -22,8 +23,12 @@ against its ``.npy`` header); :meth:`ScoreStore.verify` re-hashes the files. A m
 :class:`~kdir.errors.DamagedStoreError` naming the file.
 
 Appends from several processes may run concurrently with each other and with readers (which see new
-segments after :meth:`ScoreStore.refresh`); :meth:`ScoreStore.compact` needs the store to itself. Each open
-segment holds two memory maps (and two file descriptors), so compact after a bulk of small appends.
+segments after :meth:`ScoreStore.refresh`, or :meth:`ScoreStore.refresh_if_changed`: one ``stat`` call while
+nothing changed); :meth:`ScoreStore.compact` needs the store to itself. Each open segment holds two memory maps
+(and two file descriptors), and a lookup searches every segment, so a writer of many small appends goes
+through a :class:`TieredAppender`, which merges its own segments as it goes (:meth:`ScoreStore.merge`: the
+merged segment takes its newest part's place in the order and is published before the parts are removed; a
+reader keeps reading the memory maps of removed files, as POSIX keeps unlinked files open).
 
 An imported store (:meth:`ScoreStore.import_new`) is built in a temporary folder next to its path and renamed
 into place when the import is complete, with ``meta["imported"]`` recording the source file (path, format, size,
@@ -77,6 +82,7 @@ _STALE_IMPORT_S = 600  # a temporary import folder of a dead process untouched t
 IMPORT_FORMATS = ("pairs", "margin_scores", "jsonl", "trec", "keys")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BUCKET = 32  # mean keys per bucket of a segment's in-memory directory (~0.5 byte per pair)
+_RACY_NS = 2_000_000_000  # a folder modified this recently may change again within its (coarse) mtime: look again
 
 
 class _Segment:
@@ -439,6 +445,15 @@ class ScoreStore:
             if meta.get(field) != expected:
                 raise DataFormatError(meta_path, None, f"{field} {expected!r}", got=repr(meta.get(field)))
         self._segments: list[_Segment] = []
+        self._stamp: tuple[int, int, int] | None = None  # the segments folder as last listed (None: look again)
+        self.refresh()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled by path (e.g. for spawned dataloader workers): the copy maps the segments itself."""
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self._segments, self._stamp = Path(state["path"]), [], None
         self.refresh()
 
     # -- opening ---------------------------------------------------------------------------------------
@@ -562,24 +577,52 @@ class ScoreStore:
             raise DataFormatError(stem, None, "as many values as keys", got=f"{len(arrays[1])} vs {len(arrays[0])}")
         return _Segment(number, tag, *arrays)
 
+    def _folder_stamp(self) -> tuple[int, int, int] | None:
+        """The segments folder's (inode, mtime, ctime); None if it changed too recently to trust its mtime."""
+        st = os.stat(self._dir)
+        if abs(time.time_ns() - st.st_mtime_ns) < _RACY_NS:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns
+
     def refresh(self) -> ScoreStore:
-        """Pick up segments published (or removed by a compaction) since the last look."""
+        """Pick up segments published (or removed by a compaction or a merge) since the last look."""
         cached = {(s.number, s.tag): s for s in self._segments}
         for _ in range(10):  # a compaction elsewhere may remove segments while we open them
+            stamp = self._folder_stamp()  # before listing: a change during the listing is seen next time
             try:
                 self._segments = [cached.get(nt) or self._load(*nt) for nt in self._complete()]
+                self._stamp = stamp
                 return self
             except FileNotFoundError:
                 continue
         raise RuntimeError(f"{self.path}: segments keep disappearing while opening them (a compaction running?)")
 
-    def _publish(self, tag: str, keys: np.ndarray, values: np.ndarray, names: list[str] | None = None) -> Path:
-        """Write a segment of sorted unique keys under the next number; returns its keys file."""
+    def refresh_if_changed(self) -> bool:
+        """:meth:`refresh` if the segments folder changed since the last look; returns whether it looked.
+
+        One ``stat`` of the folder otherwise: publishing, merging and removing segments all rename or unlink files
+        in it, which sets its modification time. A folder modified in the last 2 s is listed again at the next call
+        (file times are coarse: a second change within the same tick would not show).
+        """
+        if self._stamp is not None and self._stamp == self._folder_stamp():
+            return False
+        self.refresh()
+        return True
+
+    def _publish(
+        self,
+        tag: str,
+        keys: np.ndarray,
+        values: np.ndarray,
+        names: list[str] | None = None,
+        number: int | None = None,
+    ) -> Path:
+        """Write a segment of sorted unique keys under the next number (or ``number``); returns its keys file."""
         probe = self._stem(0, tag)
         staged = [_stage_npy(probe, values)]
         try:
             staged.append(_stage_npy(probe, keys))
-            return self._publish_staged(tag, len(keys), staged[1], staged[0], names)
+            return self._publish_staged(tag, len(keys), staged[1], staged[0], names, number)
         finally:
             for tmp, _ in staged:
                 Path(tmp).unlink(missing_ok=True)
@@ -591,8 +634,10 @@ class ScoreStore:
         keys: tuple[Path, dict[str, Any]],
         values: tuple[Path, dict[str, Any]],
         names: list[str] | None = None,
+        number: int | None = None,
     ) -> Path:
-        """Publish staged ``(file, checksum record)`` keys and values of ``n`` pairs as the next segment."""
+        """Publish staged ``(file, checksum record)`` keys and values of ``n`` pairs as the next segment (or as
+        segment ``number``)."""
         probe = self._stem(0, tag)
         tmp_names = tmp_sums = None
         try:
@@ -600,8 +645,10 @@ class ScoreStore:
                 tmp_names = stage_file(probe, lambda f: f.write(json.dumps(names)), mode="w")
             sums = json.dumps({"pairs": n, "keys": keys[1], "values": values[1]})
             tmp_sums = stage_file(probe, lambda f: f.write(sums + "\n"), mode="w")
-            taken = [int(m[1]) for name in os.listdir(self._dir) if (m := _ANY_FILE.match(name))]
-            stem = self._stem(max(taken, default=0) + 1, tag)
+            if number is None:
+                taken = [int(m[1]) for name in os.listdir(self._dir) if (m := _ANY_FILE.match(name))]
+                number = max(taken, default=0) + 1
+            stem = self._stem(number, tag)
             if tmp_names is not None:
                 os.replace(tmp_names, f"{stem}.names.json")
             os.replace(tmp_sums, f"{stem}.sums.json")
@@ -774,13 +821,7 @@ class ScoreStore:
         """
         self.refresh()
         old = [(s.number, s.tag) for s in self._segments]
-        names = set()
-        for number, tag in old:
-            if not tag.startswith("_"):
-                names.add(tag)
-            sidecar = Path(f"{self._stem(number, tag)}.names.json")
-            if sidecar.is_file():
-                names.update(json.loads(sidecar.read_text(encoding="utf-8")))
+        names = self._names(old)
         if len(old) <= 1:
             return Path(f"{self._stem(*old[0])}.keys.npy") if old else None
         newest_first = self._segments[::-1]
@@ -804,6 +845,77 @@ class ScoreStore:
                 (self._dir / name).unlink(missing_ok=True)
         self._update_count()
         return path
+
+    def _names(self, segments: Iterable[tuple[int, str]]) -> set[str]:
+        """The names (:meth:`has_segment`) that ``(number, tag)`` segments carry: named tags and merged-in names."""
+        names = set()
+        for number, tag in segments:
+            if not tag.startswith("_"):
+                names.add(tag)
+            sidecar = Path(f"{self._stem(number, tag)}.names.json")
+            if sidecar.is_file():
+                names.update(json.loads(sidecar.read_text(encoding="utf-8")))
+        return names
+
+    def merge(self, parts: Iterable[tuple[int, str]]) -> tuple[int, str] | None:
+        """Merge published segments ``(number, tag)`` into one; returns the merged segment's ``(number, tag)``.
+
+        Lookups answer as before, with other appenders at work: the merged segment takes the place of its newest part
+        in the order (the same number, the tag followed by ``-``: it sorts right after it), holds each of the
+        parts' pairs with the value of the newest part that has it, and leaves out a pair that a segment ordered
+        between that part and the newest one (another writer's) holds, so that segment still wins. It is published
+        (atomically, as :meth:`append`) before the parts are removed: a failure before leaves the store as it was,
+        one after leaves parts that the merged segment shadows (the same answers; :meth:`compact` drops them). A
+        segment another appender publishes between the parts while they are merged (two appends may share a number)
+        sends the merge back to its start (the merged tag then ends in ``--``, and so on).
+
+        Returns ``None`` and changes nothing when fewer than two parts are given, a part is not published or the
+        merged name is taken. Memory: about 30 bytes per pair of the parts.
+        """
+        parts = sorted(set(parts))
+        if len(parts) < 2:
+            return None
+        for attempt in range(1, 11):  # a new name each time: a reader may still map an earlier attempt's files
+            target = (parts[-1][0], parts[-1][1] + "-" * attempt)
+            self.refresh()
+            position = {(s.number, s.tag): i for i, s in enumerate(self._segments)}
+            if any(p not in position for p in parts) or target in position:
+                return None
+            keys, values = self._merged(parts, position)
+            self._publish(target[1], keys, values, names=sorted(self._names(parts)), number=target[0])
+            del keys, values
+            if not any(s not in position and parts[0] < s < target for s in self._complete()):
+                break
+            self._remove(*target)  # published meanwhile between the parts: merge again, leaving its pairs out
+        else:
+            raise RuntimeError(f"{self.path}: other appenders keep publishing segments between the merged ones")
+        for number, tag in parts:
+            self._remove(number, tag)
+        self._update_count()
+        return target
+
+    def _merged(self, parts: list[tuple[int, str]], position: dict[tuple[int, str], int]) -> tuple[np.ndarray, ...]:
+        """The sorted unique keys and values of :meth:`merge` ``parts`` (``position``: their places in the order)."""
+        at = np.array([position[p] for p in parts])
+        newest_first = [self._segments[i] for i in at[::-1]]
+        keys = np.concatenate([s.keys for s in newest_first])
+        order = np.argsort(keys, kind="stable")  # timsort: merges the sorted runs; ties keep the newest first
+        keys = keys[order]
+        first = np.ones(len(keys), dtype=bool)
+        first[1:] = keys[1:] != keys[:-1]
+        keys, order = keys[first], order[first]
+        source = np.repeat(at[::-1], [len(s.keys) for s in newest_first])[order]  # position of each pair's part
+        values = np.concatenate([s.values for s in newest_first])[order]
+        del order, first
+        keep = np.ones(len(keys), dtype=bool)
+        for i in sorted(set(range(at[0] + 1, at[-1])) - set(at.tolist())):  # another writer's segment between
+            other = self._segments[i]
+            if len(other.keys) and len(keys):
+                shadowed = other.keys[other.find(keys)] == keys
+                keep &= ~(shadowed & (source < i))
+        if keep.all():
+            return keys, values
+        return keys[keep], values[keep]
 
     def verify(self) -> dict[str, Any]:
         """Re-hash every segment file against the checksums recorded when it was written.
@@ -1019,3 +1131,40 @@ class ScoreStore:
                 f.writelines(f"{a}\t{b}\t{q}\t{p}\t{d}\n" for a, b, q, p, d in zip(ps, ns, qids, pos, neg))
                 n += len(chunk)
         return n
+
+
+class TieredAppender:
+    """Appends to a score store while keeping the segments it wrote few: a size-tiered merge of its own segments.
+
+    Each :meth:`append` publishes a level-0 segment; whenever the ``fanout`` newest segments of this appender are of
+    one level, they are merged (:meth:`ScoreStore.merge`) into one segment of the next level, as in the
+    size-tiered compaction of log-structured merge trees (O'Neil et al., 1996, "The log-structured merge-tree";
+    Cassandra's and RocksDB's universal compaction). After ``N`` appends at most
+    ``(fanout - 1) * (1 + log_fanout N)`` of its segments remain (the digits of ``N`` in base ``fanout``), and each
+    pair was rewritten about ``log_fanout N`` times. Only this appender's segments are merged: other appenders' and
+    those written before it started stay as they are, and lookups answer as if nothing had been merged.
+
+    Args:
+        store: the store to append to.
+        fanout: segments of one level merged into one of the next (at least 2).
+    """
+
+    def __init__(self, store: ScoreStore, fanout: int = 4):
+        if fanout < 2:
+            raise ValueError(f"fanout must be at least 2, got {fanout}")
+        self.store, self.fanout = store, fanout
+        self.segments: list[tuple[int, str, int]] = []  # (number, tag, level) of this appender's, oldest first
+
+    def append(self, keys: np.ndarray, values: np.ndarray) -> Path:
+        """:meth:`ScoreStore.append`, then merge this appender's newest segments while ``fanout`` share a level."""
+        path = self.store.append(keys, values)
+        m = _KEYS_FILE.match(path.name)
+        self.segments.append((int(m[1]), m[2], 0))
+        while len(self.segments) >= self.fanout and len({lv for *_, lv in self.segments[-self.fanout :]}) == 1:
+            parts, level = self.segments[-self.fanout :], self.segments[-1][2]
+            del self.segments[-self.fanout :]  # on an error they are left as they are, never merged again
+            merged = self.store.merge([(n, t) for n, t, _ in parts])
+            if merged is None:
+                break
+            self.segments.append((*merged, level + 1))
+        return path

@@ -4,6 +4,16 @@ step) or ``fill`` (serve the cache, compute only the missing pairs, write them b
 Pairs are keyed by hashed (query id, document id) (``kdir.stores.keys``), so a store serves any dataset
 whose ids it was scored on. Reading a store whose recorded teacher (class, scoring settings, weights) does
 not match the configured one, or an imported store with a teacher model, is an error unless ``force=True``.
+
+``fill`` looks pairs up twice: in the dataloader workers (which pick up the segments written since, at one
+``stat`` call a batch), and, for the pairs a worker found missing, in the training step, against the pairs
+computed but not yet written and the store as it is then, so that a pair is scored once per run however far
+the workers read ahead. Its segments are merged as they are written (:class:`~kdir.stores.score_store.TieredAppender`),
+so a lookup searches ``O(log n)`` of them after ``n`` writes.
+
+``cached`` with the in-batch layout ``[B, B(1+n)]``: each row's own candidates are looked up, and its other columns
+only where a per-query index of the stored pairs (built once from the candidates the training examples can give a
+query, and the run a ``kdir.score`` store recorded) holds the pair, so a batch costs the pairs stored, not ``B²``.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from torch import Tensor
 from kdir.data.batch import TeacherFill, TrainBatch
 from kdir.errors import ConfigError, KdirError, MissingFileError, NonFiniteError, OutputExistsError
 from kdir.stores import ScoreStore, id_hashes, import_differences, pair_keys, sibling_store, teacher_differences
+from kdir.stores.score_store import TieredAppender
 
 if TYPE_CHECKING:
     from kdir.data.dataset import IRDataset
@@ -93,16 +104,18 @@ class TeacherSignal:
         self.store_path = Path(store) if store is not None else None
         self.import_file, self.import_format = import_file, import_format
         self.store: ScoreStore | None = None
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
-        self._n_pending = 0
+        self._writer: TieredAppender | None = None
+        self._pending = (np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.float32))  # sorted keys, scores
         self._prepare = model.preparer() if model is not None else None
         self._query_keys = model is not None and model.uses_query_keys
         self._has_model = model is not None  # also known to dataloader workers (which get no model)
         self._provenance: dict | None = None
+        self._dataset: IRDataset | None = None
+        self._index: tuple[np.ndarray, np.ndarray] | None = None  # stored pairs per query: (starts [Q+1], docs)
 
     def __getstate__(self) -> dict:
-        """Dataloader workers get the tokenisation and the store, not the teacher's weights."""
-        return self.__dict__ | {"model": None}
+        """Dataloader workers get the tokenisation and the store, not the teacher's weights nor the writer."""
+        return self.__dict__ | {"model": None, "_writer": None}
 
     def bind(self, dataset: IRDataset) -> TeacherSignal:
         """Hash the dataset's ids and open (or import / create) the store, checking its provenance.
@@ -111,6 +124,7 @@ class TeacherSignal:
         or when an earlier import did not finish; a store imported from another or a changed file is an error.
         """
         self.q_hash, self.d_hash = id_hashes(dataset.queries.ids), id_hashes(dataset.corpus.ids)
+        self._dataset, self._index = dataset, None
         if self.model is not None:
             self.model.freeze()
         if self.store_path is None:
@@ -194,6 +208,53 @@ class TeacherSignal:
         log.warning("%s (forced)", msg)
 
     # ---------------------------------------------------------------- collate (dataloader workers)
+    def index_candidates(self, pair_codes: np.ndarray) -> None:
+        """Index which pairs of the bound dataset the store holds, per query (``cached`` mode; else nothing).
+
+        ``pair_codes``: ``query * n_docs + doc`` codes of the pairs a query can have as its own candidates (its
+        positives and its negatives' pool, see :func:`kdir.data.collate.own_candidate_codes`); the run a
+        ``kdir.score`` store records it scored (``meta["data"]``: ``dataset``, ``source`` and ``depth``) is added
+        when it scored this dataset and the run file is there. :meth:`collate` with ``own`` columns then looks a
+        row's other columns up only where the index holds the pair: the same scores as looking every column up, since
+        the index is used only when it covers every pair of the store (a store holding others is looked up in full).
+        Costs one lookup per pair, once; keeps 4 bytes per stored pair.
+        """
+        if self.mode != "cached" or self.store is None:
+            return
+        n_docs = len(self.d_hash)
+        codes = [np.asarray(pair_codes, dtype=np.int64).ravel()]
+        data = self.store.meta.get("data") or {}
+        run, depth = data.get("source"), data.get("depth")
+        ours = self._dataset is not None and data.get("dataset") == self._dataset.name
+        if ours and isinstance(run, str) and isinstance(depth, int) and Path(run).is_file():
+            from kdir.stores.scoring import candidate_pairs
+
+            try:
+                pairs = candidate_pairs(self._dataset, run_file=run, depth=depth)
+                codes.append(pairs[:, 0] * n_docs + pairs[:, 1])
+            except KdirError as e:  # a run of other ids: its pairs are not this dataset's
+                log.warning("%s: the store's run %s is not used for its in-batch index (%s)", self.store_path, run, e)
+        codes = np.unique(np.concatenate(codes))
+        stored = np.zeros(len(codes), dtype=bool)
+        step = 1 << 22
+        for i in range(0, len(codes), step):
+            c = codes[i : i + step]
+            keys = pair_keys(self.q_hash[c // n_docs], self.d_hash[c % n_docs])
+            stored[i : i + step] = ~np.isnan(self.store.lookup(keys))
+        kept = codes[stored]  # sorted: by query, then document
+        if len(kept) < len(self.store):  # it holds other pairs, maybe cross pairs of these queries: look all up
+            log.info(
+                "teacher scores: %s holds %d pairs besides the %d candidate pairs of the training queries; in-batch "
+                "batches look every pair up (cost B^2)",
+                self.store_path,
+                len(self.store) - len(kept),
+                len(kept),
+            )
+            return
+        starts = np.searchsorted(kept, np.arange(len(self.q_hash) + 1, dtype=np.int64) * n_docs)
+        self._index = starts, (kept % n_docs).astype(np.int32 if n_docs < 2**31 else np.int64)
+        log.info("teacher scores: %d of %d candidate pairs of the training queries are stored", len(kept), len(codes))
+
     def collate(
         self,
         queries: np.ndarray,
@@ -202,11 +263,14 @@ class TeacherSignal:
         query_texts: list[str],
         doc_texts: list[str],
         n_generated: int = 0,
+        own: np.ndarray | None = None,
     ) -> dict:
         """Batch entries for the teacher: ``queries [B]`` / ``docs [D]`` dataset codes, ``candidates [B + G, C]``.
 
         The last ``n_generated`` rows of ``candidates`` / ``query_texts`` are generated queries (no id, no
-        cached score: online teachers only).
+        cached score: online teachers only). ``own [B, k]``: the columns of each row's own candidates, given when
+        every row has the same candidates (the inbatch layout); in ``cached`` mode with an index
+        (:meth:`index_candidates`) the other columns are then looked up only where the index holds the pair.
         """
         if self.mode == "online":
             kw = {}
@@ -215,36 +279,90 @@ class TeacherSignal:
             return {"teacher_inputs": self._prepare(query_texts, doc_texts, candidates, **kw)}
         if n_generated:
             raise KdirError("generated queries have no cached teacher scores: use an online teacher (signal=online)")
+        if self.mode == "cached":
+            if own is not None and self._index is not None:
+                scores, found = self._indexed_scores(queries, docs, candidates, own)
+            else:
+                scores = self.store.lookup(pair_keys(self.q_hash[queries][:, None], self.d_hash[docs][candidates]))
+                found = int(scores.size - np.isnan(scores).sum())
+            if found < scores.size:
+                self._check_missing(scores, found, candidates, doc_texts)
+            return {"teacher_scores": torch.from_numpy(scores)}
+        self.store.refresh_if_changed()  # fill: segments written since the last batch (one stat call otherwise)
         keys = pair_keys(self.q_hash[queries][:, None], self.d_hash[docs][candidates])  # [B, C]
         scores = self.store.lookup(keys)
-        missing = np.isnan(scores)
         out = {"teacher_scores": torch.from_numpy(scores)}
-        if not missing.any():
+        rows, cols = np.nonzero(np.isnan(scores))
+        if not len(rows):
             return out
-        rows, cols = np.nonzero(missing)
-        if self.mode == "cached":
-            example = f"(e.g. query row {rows[0]}, document {doc_texts[candidates[rows[0], cols[0]]][:60]!r})"
-            if self._has_model:
-                compute = "use signal=fill to compute them with the teacher"
-            else:
-                compute = "score them (python -m kdir.score) or import scores of this data (signal.import_file=...)"
-            if missing.all():
-                raise KdirError(
-                    f"none of the {missing.size} candidate pairs of a batch are in {self.store_path} {example}: "
-                    f"the store holds no scores of this training data; {compute} (signal.force=true would mask "
-                    "every pair and leave nothing to learn from)"
-                )
-            if not self.force:
-                raise KdirError(
-                    f"{int(missing.sum())} of {missing.size} candidate pairs of a batch are not in "
-                    f"{self.store_path} {example}; {compute}, or set signal.force=true to mask them"
-                )
-            return out
-        inputs = self._prepare([query_texts[r] for r in rows], doc_texts, candidates[rows, cols][:, None])
+        distinct, first, pairs = np.unique(keys[rows, cols], return_index=True, return_inverse=True)
+        r, c = rows[first], cols[first]  # one entry per distinct missing pair (a query may fill several rows)
+        inputs = self._prepare([query_texts[i] for i in r], doc_texts, candidates[r, c][:, None])
         out["teacher_fill"] = TeacherFill(
-            inputs, torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(keys[rows, cols].view(np.int64))
+            inputs,
+            torch.from_numpy(rows),
+            torch.from_numpy(cols),
+            torch.from_numpy(distinct.view(np.int64)),
+            torch.from_numpy(pairs.reshape(-1)),
+            torch.from_numpy(queries[r]),
+            torch.from_numpy(docs[candidates[r, c]]),
         )
         return out
+
+    def _indexed_scores(
+        self, queries: np.ndarray, docs: np.ndarray, candidates: np.ndarray, own: np.ndarray
+    ) -> tuple[np.ndarray, int]:
+        """``[B, C]`` scores (NaN: not looked up or not stored) and how many are stored, with every row's candidates
+        ``candidates[0]``: each row's ``own`` columns and the batch documents the index holds for its query are looked
+        up, once per (row, document), and written to every column of that document."""
+        b, n_docs = len(queries), len(docs)
+        starts, indexed = self._index
+        lo, n = starts[queries], starts[queries + 1] - starts[queries]
+        total = int(n.sum())
+        rows = [np.repeat(np.arange(b), own.shape[1]), np.repeat(np.arange(b), n)]
+        at = np.repeat(lo - np.cumsum(n) + n, n) + np.arange(total)  # the index entries of every row's query
+        by_code = np.argsort(docs, kind="stable")
+        pos = np.searchsorted(docs, indexed[at], sorter=by_code).clip(max=n_docs - 1)
+        in_batch = docs[by_code[pos]] == indexed[at]
+        rows[1] = rows[1][in_batch]
+        cells = np.concatenate(
+            [rows[0] * n_docs + candidates[rows[0], own.ravel()], rows[1] * n_docs + by_code[pos[in_batch]]]
+        )
+        cells = np.unique(cells)
+        r, d = cells // n_docs, cells % n_docs  # (row, batch document) to look up
+        values = self.store.lookup(pair_keys(self.q_hash[queries[r]], self.d_hash[docs[d]]))
+        hit = ~np.isnan(values)
+        r, d, values = r[hit], d[hit], values[hit]
+        columns = candidates[0]
+        by_doc = np.argsort(columns, kind="stable")  # the columns of each batch document, grouped
+        col_starts = np.searchsorted(columns, np.arange(n_docs + 1), sorter=by_doc)
+        k = col_starts[d + 1] - col_starts[d]
+        col = by_doc[np.repeat(col_starts[d] - np.cumsum(k) + k, k) + np.arange(int(k.sum()))]
+        scores = np.full(candidates.shape, np.nan, dtype=np.float32)
+        scores[np.repeat(r, k), col] = np.repeat(values, k)
+        return scores, int(k.sum())
+
+    def _check_missing(self, scores: np.ndarray, found: int, candidates: np.ndarray, doc_texts: list[str]) -> None:
+        """``cached``: raise for a batch with pairs missing from the store (unless forced) or none stored at all."""
+        if found and self.force:
+            return
+        row, col = np.unravel_index(int(np.argmax(np.isnan(scores))), scores.shape)  # the first missing pair
+        example = f"(e.g. query row {row}, document {doc_texts[candidates[row, col]][:60]!r})"
+        if self._has_model:
+            compute = "use signal=fill to compute them with the teacher"
+        else:
+            compute = "score them (python -m kdir.score) or import scores of this data (signal.import_file=...)"
+        if found == 0:
+            raise KdirError(
+                f"none of the {scores.size} candidate pairs of a batch are in {self.store_path} {example}: "
+                f"the store holds no scores of this training data; {compute} (signal.force=true would mask "
+                "every pair and leave nothing to learn from)"
+            )
+        if not self.force:
+            raise KdirError(
+                f"{scores.size - found} of {scores.size} candidate pairs of a batch are not in "
+                f"{self.store_path} {example}; {compute}, or set signal.force=true to mask them"
+            )
 
     # ---------------------------------------------------------------- training step
     @torch.no_grad()
@@ -301,27 +419,70 @@ class TeacherSignal:
             return self.model(batch.teacher_inputs).float()
         scores = batch.teacher_scores.float()
         fill = batch.teacher_fill
-        if fill is not None:
-            new = self.model(fill.inputs).float()[:, 0]
-            scores = scores.clone()
-            scores[fill.rows, fill.cols] = new
-            keys, values = fill.keys.cpu().numpy().view(np.uint64), new.cpu().numpy()
+        if fill is None:
+            return scores
+        keys = fill.keys.cpu().numpy().view(np.uint64)  # [U] the distinct pairs the worker found missing
+        known = self._known(keys)  # scored since the worker looked (by this process, or written by any)
+        todo = np.flatnonzero(np.isnan(known))
+        if len(todo):
+            inputs = fill.inputs if len(todo) == len(keys) else self._prepare_pairs(fill, todo)
+            values = self.model(inputs).float()[:, 0].cpu().numpy()
+            known[todo] = values
             finite = np.isfinite(values)  # a non-finite score is never stored (the training step stops on it)
-            self._pending.append((keys[finite], values[finite]))
-            self._n_pending += int(finite.sum())
-            if self._n_pending >= self.flush_every:
-                self.flush()
+            self._remember(keys[todo][finite], values[finite])
+        scores = scores.clone()
+        scores[fill.rows, fill.cols] = torch.from_numpy(known).to(scores.device)[fill.pairs.to(scores.device)]
         return scores
 
+    def _known(self, keys: np.ndarray) -> np.ndarray:
+        """Scores of ``keys`` computed by this process and not yet written, else in the store now (NaN: neither)."""
+        pending, values = self._pending
+        out = np.full(len(keys), np.nan, dtype=np.float32)
+        if len(pending):
+            pos = np.searchsorted(pending, keys).clip(max=len(pending) - 1)
+            hit = pending[pos] == keys
+            out[hit] = values[pos[hit]]
+        rest = np.flatnonzero(np.isnan(out))
+        if len(rest):
+            self.store.refresh_if_changed()
+            out[rest] = self.store.lookup(keys[rest])
+        return out
+
+    def _remember(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Add newly computed pairs (not pending, not stored) to the pending ones; write them out every
+        ``flush_every``."""
+        pending, scores = self._pending
+        order = np.argsort(keys, kind="stable")
+        merged = np.concatenate([pending, keys[order]])
+        by_key = np.argsort(merged, kind="stable")  # timsort: one merge of two sorted runs
+        self._pending = merged[by_key], np.concatenate([scores, values[order]])[by_key]
+        if len(self._pending[0]) >= self.flush_every:
+            self.flush()
+
+    def _prepare_pairs(self, fill: TeacherFill, todo: np.ndarray) -> dict[str, Tensor]:
+        """The teacher's inputs for the distinct missing pairs ``todo`` of ``fill`` (one candidate each)."""
+        queries, corpus = self._dataset.queries.texts, self._dataset.corpus.texts
+        q = fill.queries.cpu().numpy()[todo]
+        docs, column = np.unique(fill.docs.cpu().numpy()[todo], return_inverse=True)
+        return self._prepare([queries[i] for i in q], [corpus[i] for i in docs], column.reshape(-1, 1))
+
     def flush(self) -> None:
-        """Write the scores computed in ``fill`` mode to the store (one new segment, atomically)."""
-        if not self._pending:
+        """Write the scores computed in ``fill`` mode to the store: one new segment (atomically), merged with the
+        earlier ones of this run as they add up (:class:`~kdir.stores.score_store.TieredAppender`)."""
+        keys, values = self._pending
+        if not len(keys):
             return
-        keys = np.concatenate([k for k, _ in self._pending])
-        values = np.concatenate([v for _, v in self._pending])
-        self.store.append(keys, values)
-        log.info("teacher fill: wrote %d new pairs to %s (pid %d)", len(keys), self.store_path, os.getpid())
-        self._pending, self._n_pending = [], 0
+        if self._writer is None:
+            self._writer = TieredAppender(self.store)
+        self._writer.append(keys, values)
+        log.info(
+            "teacher fill: wrote %d new pairs to %s (pid %d, %d segments of this run)",
+            len(keys),
+            self.store_path,
+            os.getpid(),
+            len(self._writer.segments),
+        )
+        self._pending = (np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.float32))
 
     def to(self, device: torch.device | str) -> TeacherSignal:
         if self.model is not None:

@@ -86,3 +86,20 @@ class FreshRunDir(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, "hydra.sweep.dir", sweep=True)
+
+
+def resume_from(cfg: DictConfig, out: Path) -> str | None:
+    """The checkpoint to continue from: ``ckpt_path``, or with ``resume=true`` the run folder's ``last.ckpt``."""
+    if cfg.get("ckpt_path"):
+        return str(checkpoint_file(cfg.ckpt_path))
+    if not cfg.get("resume"):
+        return None
+    folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None) or out / "checkpoints"
+    last = Path(folder) / "last.ckpt"
+    if not last.is_file():
+        shown = last.relative_to(out) if last.is_relative_to(out) else last
+        raise MissingFileError(
+            f"resume=true: nothing to resume in {out}: no {shown} (the run stopped before its first checkpoint); "
+            "start it again in a new folder, or give a checkpoint file with ckpt_path=..."
+        )
+    return str(last)
