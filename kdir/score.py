@@ -8,7 +8,10 @@ over another pair set adds just the new pairs; any number of processes gives the
 with every requested pair in the store (else an error) and, with ``verify=true``, every segment re-hashed
 against its checksums. ``meta["scoring"]`` records the job (its pairs, start, finish): ``python -m kdir.store verify``
 reports a job that did not finish. A store of another teacher, or of the same weights with other scoring settings, is
-refused. Processes are launched by Lightning Fabric (``devices=N``).
+refused. Processes are launched by Lightning Fabric (``devices=N``). ``embeddings=<dir>`` (separable teachers: dual
+encoders, ColBERT) encodes the corpus once into an embedding store, sharded over the ranks and reused by later jobs
+(and by ``kdir.evaluate`` / ``kdir.mine`` / ``kdir.expand``), and scores pairs from it: each document is encoded once
+instead of once per pair, each query once per chunk (scores from fp16 document embeddings).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from lightning_fabric import Fabric
 from omegaconf import DictConfig
 
 import kdir  # noqa: F401  (registers config resolvers)
-from kdir.errors import KdirError
-from kdir.stores import ScoreStore, sibling_store, teacher_differences
+from kdir.errors import ConfigError, KdirError
+from kdir.retrieval.stream_encode import encode_into_store
+from kdir.stores import EmbeddingStore, ScoreStore, sibling_store, teacher_differences
 from kdir.stores.scoring import candidate_pairs, missing_pairs, score_into_store
 from kdir.training.signal import teacher_meta
 from kdir.utils import Setting, task_wrapper
@@ -71,7 +75,8 @@ def score(cfg: DictConfig) -> Path:
         cfg.chunk_size,
         path,
     )
-    done = score_into_store(fabric, model, dataset, pairs, store, cfg.chunk_size, cfg.batch_size)
+    doc_embeddings = _doc_embeddings(cfg, fabric, model, dataset)
+    done = score_into_store(fabric, model, dataset, pairs, store, cfg.chunk_size, cfg.batch_size, doc_embeddings)
     log.info("rank %d scored %d new pairs", fabric.global_rank, done)
     fabric.barrier()
     if len(missing := missing_pairs(dataset, pairs, store)):  # every rank: all of them stop alike
@@ -100,6 +105,23 @@ def score(cfg: DictConfig) -> Path:
         log.info("score store %s: %d pairs, all %d requested pairs present", path, len(store), len(pairs))
     fabric.barrier()
     return path
+
+
+def _doc_embeddings(cfg: DictConfig, fabric: Fabric, model, dataset) -> EmbeddingStore | None:
+    """With ``embeddings=<dir>``: the teacher's document embeddings of the corpus, encoded into that store once (over
+    the ranks; reused when it holds them already), so that scoring reads documents instead of encoding them."""
+    if not cfg.get("embeddings"):
+        return None
+    if not model.separable:
+        raise ConfigError(
+            f"embeddings={cfg.embeddings}: {type(model).__name__} scores each pair jointly (a cross-encoder); "
+            "cached document embeddings need a teacher that encodes documents apart (dual encoder, ColBERT)"
+        )
+    with fabric.autocast():
+        return encode_into_store(
+            model, dataset.corpus.texts, dataset.corpus.ids, cfg.embeddings, "doc", batch_size=cfg.batch_size,
+            dataset=dataset.name, fabric=fabric,
+        )  # fmt: skip
 
 
 def _check_teacher(store: ScoreStore, teacher: dict) -> None:

@@ -29,6 +29,7 @@ CLUSTER = [  # what a user fills in (docs/cluster.md)
     "hydra.launcher.array_parallelism=3",
     "hydra.launcher.setup=[module load cuda/12.4]",
 ]
+SESSION_RENDEZVOUS = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}  # as the session started
 # A SLURM task's environment: rank 5 of 2 nodes x 4 tasks (what srun sets for the 6th process of the job).
 SLURM_TASK = {
     "SLURM_NTASKS": "8",
@@ -168,8 +169,9 @@ def test_slurm_ddp_reads_nodes_and_ranks_from_slurm(tmp_path, monkeypatch):
     from pytorch_lightning.utilities import rank_zero_only
 
     assert _cfg(tmp_path, ["trainer=slurm_ddp"]).trainer.num_nodes == 1  # outside SLURM: one node, one GPU
-    for key in ("MASTER_ADDR", "MASTER_PORT"):  # Lightning sets them from SLURM's: restored afterwards
-        monkeypatch.delenv(key, raising=False)
+    for key in ("MASTER_ADDR", "MASTER_PORT"):  # Lightning sets them from SLURM's: removed again afterwards
+        monkeypatch.setenv(key, "unset")  # (delenv alone records nothing for an absent key, and they would leak)
+        monkeypatch.delenv(key)
     for key, value in SLURM_TASK.items():
         monkeypatch.setenv(key, value)
     cfg = _cfg(tmp_path, ["trainer=slurm_ddp"])
@@ -187,6 +189,12 @@ def test_slurm_ddp_reads_nodes_and_ranks_from_slurm(tmp_path, monkeypatch):
     env.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)  # what Lightning checks
     with pytest.raises(ValueError, match="num_nodes=1"):
         env.validate_settings(num_devices=4, num_nodes=1)  # trainer=ddp alone on 2 nodes: refused by Lightning
+
+
+def test_the_trainer_under_slurm_leaves_no_rendezvous_address_behind():
+    """Runs after the test above: Lightning wrote MASTER_ADDR / MASTER_PORT of the fake SLURM job into os.environ;
+    left there, every later multi-process test would wait for a rendezvous at that host."""
+    assert {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")} == SESSION_RENDEZVOUS
 
 
 # ---------------------------------------------------------------- a requeued job resumes

@@ -150,3 +150,18 @@ def test_kdir_run_refuses_a_corpus_store_and_its_hint_works(tmp_path, quickstart
     r = run_cli(*command[2:], f"hydra.run.dir={tmp_path / 'eval'}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert EmbeddingStore.open(tmp_path / "store").meta["data"]["count"] > 0
+
+
+def test_the_readme_scale_commands_compose(tmp_path):
+    """Every ``python -m kdir.<command>`` line of the README's scale section composes (``<placeholders>`` dropped)."""
+    import re
+
+    from conftest import ROOT, compose_cfg
+
+    section = (ROOT / "README.md").read_text().split("## Scale: MS MARCO")[1].split("\n## ")[0]
+    lines = [x.strip() for x in section.replace("\\\n", " ").splitlines() if x.strip().startswith("python -m kdir.")]
+    assert len(lines) == 5, lines
+    for line in lines:
+        words = shlex.split(re.sub(r"\S*<[^>]*>\S*", "", line))
+        cfg = compose_cfg(tmp_path, words[3:], name=words[2].removeprefix("kdir."))
+        assert cfg is not None, line

@@ -122,3 +122,42 @@ def test_random_negatives_cannot_be_enumerated(quickstart):
     ds = IRDataset.from_beir(quickstart["data"], "train")
     with pytest.raises(KdirError, match="training negatives are random"):
         candidate_pairs(ds, QrelsExamples(RandomNegatives(), 1))
+
+
+def test_scoring_from_document_embeddings_equals_encoding_per_pair(reference, teacher_dir, tmp_path, quickstart):
+    """embeddings=<dir>: the corpus is encoded once into an embedding store and pairs are scored from it (fp16
+    documents), equal to the per-pair scores up to fp16 rounding; a second job reuses the store."""
+    ds = IRDataset.from_beir(quickstart["data"], "train")
+    store, emb = tmp_path / "e.store", tmp_path / "docs.emb"
+    r = run_cli(*_args(teacher_dir, store, f"embeddings={emb}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    keys, values = _contents(store, ds)
+    _, expected = _contents(reference, ds)
+    assert not np.isnan(values).any()
+    assert np.allclose(values, expected, atol=2e-3 * np.abs(expected).max())
+    from kdir.stores import EmbeddingStore
+
+    assert len(EmbeddingStore.open(emb)) == len(ds.corpus)
+    stamp = (emb / "meta.json").stat().st_mtime_ns
+    r = run_cli(*_args(teacher_dir, tmp_path / "again.store", f"embeddings={emb}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = "".join(f.read_text() for f in (tmp_path / "again.store.run").glob("*.log"))
+    assert "holds these encodings already: reused" in logged and (emb / "meta.json").stat().st_mtime_ns == stamp
+    assert np.array_equal(_contents(tmp_path / "again.store", ds)[1], values)
+
+
+def test_embeddings_are_refused_for_a_cross_encoder(tmp_path, quickstart):
+    r = run_cli(
+        "kdir.score",
+        "teacher=cross_encoder",
+        f"teacher.path={quickstart['model']}",
+        "teacher.max_length=48",
+        "teacher.query_max_length=16",
+        f"store={tmp_path / 's'}",
+        "run_file=${quickstart:data}/runs/train.trec",
+        "depth=2",
+        f"embeddings={tmp_path / 'e'}",
+        "accelerator=cpu",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 2 and "cross-encoder" in r.stderr and not (tmp_path / "e").exists()

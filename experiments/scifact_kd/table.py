@@ -5,7 +5,8 @@
 Reads ``<results>/<row>.json`` (written by ``record.py``; students as ``<row>_s<seed>.json``), writes
 ``<results>/results.md`` and ``<results>/chart.png`` and prints the table. Rows without records are listed
 as not run. Gap closed = (student − start) / (teacher − start), on nDCG@10; the start is L3 zero-shot, or the row's
-own untrained student where it was measured (the asymmetric EmbedDistill student: L3 queries, L6 documents).
+own untrained student where it was measured (the asymmetric EmbedDistill student: L3 queries, L6 documents), or
+the model it is initialised from (CollectiveKD's ColBERT student: its ColBERT teacher).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Row:
     label: str
     kind: str  # zero-shot | teacher | student
     teacher: str | None = None  # the row whose score is the teacher's (gap closed)
+    start: str | None = None  # the row whose score is the student's start, when it is not L3 (its initialisation)
 
 
 ROWS = (
@@ -41,7 +43,13 @@ ROWS = (
     Row("tct_colbert", "L3, TCT-ColBERT in-batch KL (TCT teacher online)", "student", "teacher_tct"),
     Row("embeddistill_asym", "L3 query tower + frozen L6 doc tower, EmbedDistill", "student", "l6_zero_128"),
     Row("embeddistill_sym", "L3, EmbedDistill symmetric (L6 DE teacher)", "student", "l6_zero_128"),
-    Row("collective_kd", "ColBERT student (init: the teacher), CollectiveKD", "student", "teacher_collective"),
+    Row(
+        "collective_kd",
+        "ColBERT student (init: the teacher), CollectiveKD",
+        "student",
+        "teacher_collective",
+        start="teacher_colbert",
+    ),
 )
 
 
@@ -81,7 +89,9 @@ def build(results: Path) -> tuple[str, list[tuple[str, float, float]]]:
         gap = ""
         teacher = records.get(row.teacher or "", [])
         starts = [r["untrained"]["nDCG@10"] for r in recs if r.get("untrained")]
-        start = mean_std(starts)[0] if len(starts) == len(recs) else base  # a row's own start when it measured one
+        init = records.get(row.start or "", [])
+        start = init[0]["metrics"]["nDCG@10"] if init else base  # the initialisation's score (else L3 zero-shot)
+        start = mean_std(starts)[0] if len(starts) == len(recs) else start  # a row's own start when it measured one
         if start is not None and teacher:
             t = teacher[0]["metrics"]["nDCG@10"]
             own = f", from {start:.4f}" if start != base else ""

@@ -7,6 +7,11 @@ atomically as one segment named by a hash of their keys. A killed job restarted 
 its finished chunks complete and scores the others in the same batches (the same bits as one uninterrupted run);
 a run over another pair set (a deeper ``depth``, another run file) scores just the pairs that are new; any number
 of processes gives the same store. :func:`missing_pairs` is the completeness check that ends a job.
+
+With a document-side :class:`~kdir.stores.EmbeddingStore` of a separable teacher (bi-encoder, ColBERT: ``python -m
+kdir.score ... embeddings=<dir>``), documents are not encoded again: each batch reads its documents' stored
+embeddings (fp16) and encodes each distinct query of the chunk once (:meth:`~kdir.models.base.Scorer.query_reps`,
+:meth:`~kdir.models.base.Scorer.score_reps`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from kdir.data.dataset import IRDataset
 from kdir.data.examples import QrelsExamples, RunNegatives, TripleExamples, positive_keys
 from kdir.data.formats import read_trec_run, top_ranked
 from kdir.errors import KdirError
+from kdir.stores.embedding_store import EmbeddingStore
 from kdir.stores.keys import id_hashes, pair_keys
 from kdir.stores.score_store import ScoreStore
 
@@ -59,11 +65,20 @@ def requested_keys(dataset: IRDataset, pairs: np.ndarray) -> np.ndarray:
 
 
 def score_into_store(
-    fabric: Fabric, model, dataset: IRDataset, pairs: np.ndarray, store: ScoreStore, chunk_size: int, batch_size: int
+    fabric: Fabric,
+    model,
+    dataset: IRDataset,
+    pairs: np.ndarray,
+    store: ScoreStore,
+    chunk_size: int,
+    batch_size: int,
+    doc_embeddings: EmbeddingStore | None = None,
 ) -> int:
-    """Score the pairs of this rank's chunks that the store lacks; returns the number of pairs scored by this rank."""
+    """Score the pairs of this rank's chunks that the store lacks; returns the number of pairs scored by this rank.
+
+    ``doc_embeddings``: the teacher's document embeddings (a finished store of this model's ``doc`` side holding the
+    corpus): documents are read from it instead of encoded."""
     keys = requested_keys(dataset, pairs)
-    qtexts, dtexts = dataset.queries.texts, dataset.corpus.texts
     n_chunks = math.ceil(len(pairs) / chunk_size)
     todo = []
     for k in range(fabric.global_rank, n_chunks, fabric.world_size):
@@ -74,16 +89,56 @@ def score_into_store(
     done = 0
     for rows in tqdm(todo, desc=f"score rank {fabric.global_rank}", disable=not fabric.is_global_zero, unit="chunk"):
         chunk = pairs[rows]
-        values = []
-        for b in range(0, len(chunk), batch_size):
-            q, d = chunk[b : b + batch_size, 0], chunk[b : b + batch_size, 1]
-            docs, inverse = np.unique(d, return_inverse=True)
-            inputs = model.prepare([qtexts[i] for i in q], [dtexts[i] for i in docs], inverse[:, None])
-            with torch.no_grad(), fabric.autocast():
-                values.append(model(inputs).float()[:, 0].cpu().numpy())
+        if doc_embeddings is not None:
+            values = [_score_from_embeddings(fabric, model, dataset, chunk, doc_embeddings, batch_size)]
+        else:
+            values = [
+                _score_pairs(fabric, model, dataset, chunk[b : b + batch_size])
+                for b in range(0, len(chunk), batch_size)
+            ]
         store.append(keys[rows], np.concatenate(values), name=f"chunk-{xxhash.xxh64_hexdigest(keys[rows].tobytes())}")
         done += len(chunk)
     return done
+
+
+@torch.no_grad()
+def _score_pairs(fabric: Fabric, model, dataset: IRDataset, batch: np.ndarray) -> np.ndarray:
+    """Scores of a batch of (query code, doc code) pairs, each distinct document tokenised once."""
+    docs, inverse = np.unique(batch[:, 1], return_inverse=True)
+    queries = [dataset.queries.texts[i] for i in batch[:, 0]]
+    inputs = model.prepare(queries, [dataset.corpus.texts[i] for i in docs], inverse[:, None])
+    with fabric.autocast():
+        return model(inputs).float()[:, 0].cpu().numpy()
+
+
+@torch.no_grad()
+def _score_from_embeddings(
+    fabric: Fabric, model, dataset: IRDataset, chunk: np.ndarray, docs: EmbeddingStore, batch_size: int
+) -> np.ndarray:
+    """Scores of a chunk's pairs: its distinct queries encoded once, documents read from the store."""
+    queries, q_of = np.unique(chunk[:, 0], return_inverse=True)
+    q_ids = [dataset.queries.ids[i] for i in queries]
+    keys = id_hashes(q_ids) if model.uses_query_keys else None
+    reps = []
+    with fabric.autocast():
+        for b in range(0, len(queries), batch_size):
+            texts = [dataset.queries.texts[i] for i in queries[b : b + batch_size]]
+            reps.append(model.query_reps(texts, None if keys is None else keys[b : b + batch_size]))
+    q_reps = tuple(torch.cat(parts) for parts in zip(*reps))
+    d_hash = id_hashes(dataset.corpus.ids)
+    pad = model.config.get("doc_max_length") if model.multi_vector else None
+    out = []
+    for b in range(0, len(chunk), batch_size):
+        d, inverse = np.unique(chunk[b : b + batch_size, 1], return_inverse=True)
+        found = docs.lookup(d_hash[d], pad_to=pad) if pad else (docs.lookup(d_hash[d]),)
+        d_reps = tuple(torch.from_numpy(np.asarray(t)).to(model.device) for t in found)
+        if not model.multi_vector:
+            d_reps = (d_reps[0].float(),)
+        rows = torch.from_numpy(q_of[b : b + batch_size]).to(model.device)
+        with fabric.autocast():
+            scores = model.score_reps(tuple(t[rows] for t in q_reps), d_reps, torch.from_numpy(inverse)[:, None])
+        out.append(scores.float()[:, 0].cpu().numpy())
+    return np.concatenate(out)
 
 
 def missing_pairs(dataset: IRDataset, pairs: np.ndarray, store: ScoreStore) -> np.ndarray:
