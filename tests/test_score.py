@@ -154,6 +154,7 @@ def test_embeddings_are_refused_for_a_cross_encoder(tmp_path, quickstart):
         "teacher.max_length=48",
         "teacher.query_max_length=16",
         f"store={tmp_path / 's'}",
+        f"signal.store={tmp_path / 's'}",  # else the config's default names the quickstart's own teacher store
         "run_file=${quickstart:data}/runs/train.trec",
         "depth=2",
         f"embeddings={tmp_path / 'e'}",
