@@ -16,14 +16,13 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
-from lightning_fabric import Fabric
 from omegaconf import DictConfig
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import ConfigError
 from kdir.retrieval.stream_encode import encode_into_store
 from kdir.stores import EmbeddingStore
-from kdir.utils import Setting, task_wrapper
+from kdir.utils import Setting, launch_fabric, task_wrapper
 
 log = logging.getLogger("kdir.encode")
 
@@ -31,13 +30,7 @@ log = logging.getLogger("kdir.encode")
 def encode(cfg: DictConfig) -> EmbeddingStore:
     if cfg.side not in ("doc", "query"):
         raise ConfigError(f"side={cfg.side!r}: expected doc (the corpus) or query (the split's queries)")
-    fabric = Fabric(
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        precision=cfg.precision,
-        strategy="ddp" if cfg.devices not in (1, "1") else "auto",
-    )
-    fabric.launch()
+    fabric = launch_fabric(cfg)
     dataset = instantiate(cfg.dataset) if cfg.get("dataset") else instantiate(cfg.data.train)
     texts = dataset.corpus if cfg.side == "doc" else dataset.queries
     model = instantiate(cfg.student).to(fabric.device)

@@ -32,19 +32,13 @@ from kdir.retrieval.stream_encode import encode_into_store
 from kdir.stores import EmbeddingStore, ScoreStore, sibling_store, teacher_differences
 from kdir.stores.scoring import candidate_pairs, missing_pairs, score_into_store
 from kdir.training.signal import teacher_meta
-from kdir.utils import Setting, task_wrapper
+from kdir.utils import Setting, launch_fabric, task_wrapper
 
 log = logging.getLogger("kdir.score")
 
 
 def score(cfg: DictConfig) -> Path:
-    fabric = Fabric(
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        precision=cfg.precision,
-        strategy="ddp" if cfg.devices not in (1, "1") else "auto",
-    )
-    fabric.launch()
+    fabric = launch_fabric(cfg)
     model = instantiate(cfg.teacher).freeze().to(fabric.device)
     dataset = instantiate(cfg.data.train)
     examples = instantiate(cfg.data.examples) if cfg.run_file is None else None

@@ -111,6 +111,25 @@ def compose_cfg(tmp_path: Path, overrides: list[str], name: str = "run"):
     return cfg
 
 
+@contextmanager
+def counting_doc_encodes(model) -> Iterator[list[int]]:
+    """Within the block, the sizes of the document batches ``model.encode`` is called with (a spy on the real
+    method, which is put back afterwards)."""
+    sizes: list[int] = []
+    encode = model.encode
+
+    def counting(tokens, side):
+        if side == "doc":
+            sizes.append(len(tokens["input_ids"]))
+        return encode(tokens, side)
+
+    model.encode = counting
+    try:
+        yield sizes
+    finally:
+        del model.encode
+
+
 # ------------------------------------------------------------------ multi-process tests
 GLOO_TIMEOUT = 300  # seconds a collective may wait for a rank starved of CPU on a loaded machine
 

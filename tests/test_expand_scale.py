@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import counting_doc_encodes
 
 from kdir.data.dataset import IRDataset
 from kdir.errors import KdirError
@@ -83,17 +84,9 @@ def test_idf_from_the_store_equals_the_in_memory_count(dev, quickstart, tmp_path
 def test_a_second_expansion_reuses_the_token_store(dev, quickstart, tmp_path):
     model = _colbert(quickstart)
     expand_queries(model, dev, tmp_path / "a", token_store=tmp_path / "tokens", **SETTINGS)
-    encoded = []
-    encode = model.encode
-
-    def counting(tokens, side):
-        if side == "doc":
-            encoded.append(len(tokens["input_ids"]))
-        return encode(tokens, side)
-
-    model.encode = counting
     test = IRDataset.from_beir(quickstart["data"], "test")
-    expand_queries(model, test, tmp_path / "b", token_store=tmp_path / "tokens", **SETTINGS)
+    with counting_doc_encodes(model) as encoded:
+        expand_queries(model, test, tmp_path / "b", token_store=tmp_path / "tokens", **SETTINGS)
     assert sum(encoded) == 1  # the dimension probe: the corpus is read from the store
 
 

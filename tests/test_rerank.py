@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import counting_doc_encodes
 
 from kdir.data.dataset import IRDataset
 from kdir.models import ColBERT, CrossEncoder, DualEncoder
@@ -52,21 +53,12 @@ def _models(quickstart):
 def test_separable_models_encode_each_document_once_and_score_as_themselves(kind, split, quickstart):
     ds, path, first_stage = split
     model = dict(_models(quickstart))[kind].eval()
-    encoded_docs = []
-    encode = model.encode
-
-    def counting(tokens, side):
-        if side == "doc":
-            encoded_docs.append(len(tokens["input_ids"]))
-        return encode(tokens, side)
-
-    model.encode = counting
     evaluator = RerankEvaluator(ds, str(path), depth=DEPTH, metrics=["nDCG@10"], batch_size=4, encode_batch_size=16)
-    metrics, run = evaluator.evaluate(model, progress=False)
+    with counting_doc_encodes(model) as encoded_docs:
+        metrics, run = evaluator.evaluate(model, progress=False)
     distinct = {p for docs in first_stage.values() for p in docs}
     assert sum(encoded_docs) == len(distinct)  # 40 queries × 6 candidates, each document encoded once
     assert set(run) == set(first_stage) and 0 <= metrics["nDCG@10"] <= 1
-    model.encode = encode
     # the model's own scores of each batch of 4 queries with their candidates, tokenised together
     qids = ds.queries.ids[:40]
     for s in range(0, 40, 4):

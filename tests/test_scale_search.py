@@ -9,7 +9,7 @@ import shlex
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import counting_doc_encodes, run_cli
 
 from kdir.data.dataset import IRDataset
 from kdir.errors import ConfigError
@@ -51,19 +51,8 @@ def test_store_backed_evaluation_equals_in_memory_and_reuses_the_store(split, st
     for pid in b[q][:3]:
         assert abs(run_stored[q][pid] - run_memory[q][pid]) < 2e-2 * max(1.0, abs(run_memory[q][pid]))
     # a second evaluation encodes no document: the store holds this model's encodings of this corpus
-    docs_encoded = []
-    encode = student.encode
-
-    def counting(tokens, side):
-        if side == "doc":
-            docs_encoded.append(len(tokens["input_ids"]))
-        return encode(tokens, side)
-
-    student.encode = counting
-    try:
+    with counting_doc_encodes(student) as docs_encoded:
         again, run_again = evaluator.evaluate(student, progress=False)
-    finally:
-        del student.encode
     assert sum(docs_encoded) == 1  # the probe that reads the model's dimension, not the corpus
     assert again == stored and run_again == run_stored
 

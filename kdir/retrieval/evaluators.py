@@ -220,20 +220,8 @@ class RetrievalEvaluator:
     def _index_from_store(self, model: Scorer, device: str | torch.device | None, progress: bool):
         """The corpus encoded into ``corpus_store`` (or found there) and indexed from it chunk by chunk."""
         from kdir.retrieval.store_index import build_index_from_store
-        from kdir.retrieval.stream_encode import encode_into_store
 
-        corpus = self.dataset.corpus
-        store = encode_into_store(
-            model,
-            corpus.texts,
-            corpus.ids,
-            self.corpus_store,
-            "doc",
-            batch_size=self.batch_size,
-            progress=progress,
-            dataset=self.dataset.name,
-            device=device,
-        )
+        store = self._encode_to_store(model, device, progress)
         start = time.perf_counter()
         index, _ = build_index_from_store(
             store, self.index_factory, "ip", self.train_sample, self.use_gpu, shards=self.index_shards
@@ -243,6 +231,16 @@ class RetrievalEvaluator:
         if self.index_path is not None:
             self._save(index, model)
         return index
+
+    def _encode_to_store(self, model: Scorer, device: str | torch.device | None, progress: bool):
+        """The corpus encoded into ``corpus_store`` (streamed, resumed, or reused as it is)."""
+        from kdir.retrieval.stream_encode import encode_into_store
+
+        corpus = self.dataset.corpus
+        return encode_into_store(
+            model, corpus.texts, corpus.ids, self.corpus_store, "doc", batch_size=self.batch_size,
+            progress=progress, dataset=self.dataset.name, device=device,
+        )  # fmt: skip
 
     def _search_in_batches(self, index, model: Scorer, knobs: dict, kw: dict) -> Run:
         """Encode and search ``query_batch_size`` queries at a time."""
@@ -403,17 +401,18 @@ class MaxSimEvaluator(RetrievalEvaluator):
         """Top-``depth`` run from ``(embeddings [N, L, dim], mask [N, L])`` of the queries and the corpus."""
         if not model.multi_vector:
             raise KdirError(f"MaxSim evaluation needs a multi-vector model (ColBERT), got {type(model).__name__}")
-        scores, rows = maxsim_search(
-            queries,
-            docs,
-            self.depth,
-            model.config["similarity"],
-            self.batch_size,
-            self.doc_chunk,
-            model.device,
+        scores, rows = maxsim_search(queries, docs, self.depth, **self._maxsim_settings(model))
+        return run_from_topk(self.dataset.queries.ids, self.dataset.corpus.ids, scores, rows)
+
+    def _maxsim_settings(self, model: Scorer) -> dict:
+        """The MaxSim search arguments: the model's similarity and masked-token rule, this evaluator's blocks."""
+        return dict(
+            similarity=model.config["similarity"],
+            batch_size=self.batch_size,
+            doc_chunk=self.doc_chunk,
+            device=model.device,
             masked_doc_tokens=model.config.get("masked_doc_tokens", "exclude"),
         )
-        return run_from_topk(self.dataset.queries.ids, self.dataset.corpus.ids, scores, rows)
 
     def evaluate(
         self, model: Scorer, device: str | torch.device | None = None, progress: bool = True
@@ -424,29 +423,17 @@ class MaxSimEvaluator(RetrievalEvaluator):
         if self.corpus_store is None:
             return super().evaluate(model, device, progress)
         from kdir.retrieval.store_index import maxsim_search_store
-        from kdir.retrieval.stream_encode import encode_into_store
 
         if not model.multi_vector:
             raise KdirError(f"MaxSim evaluation needs a multi-vector model (ColBERT), got {type(model).__name__}")
-        corpus = self.dataset.corpus
-        store = encode_into_store(
-            model, corpus.texts, corpus.ids, self.corpus_store, "doc", batch_size=self.batch_size,
-            progress=progress, dataset=self.dataset.name, device=device,
-        )  # fmt: skip
+        store = self._encode_to_store(model, device, progress)
         kw = dict(batch_size=self.batch_size, device=device, progress=progress, out_device=model.device)
         queries = encode_texts(model, self.dataset.queries.texts, "query", **kw)
+        settings = self._maxsim_settings(model)
         scores, rows = maxsim_search_store(
-            queries,
-            store,
-            self.depth,
-            model.config["similarity"],
-            self.batch_size,
-            self.doc_chunk,
-            model.device,
-            masked_doc_tokens=model.config.get("masked_doc_tokens", "exclude"),
-            pad_to=model.config["doc_max_length"],
+            queries, store, self.depth, **settings, pad_to=model.config["doc_max_length"]
         )
-        run = run_from_topk(self.dataset.queries.ids, corpus.ids, scores, rows)
+        run = run_from_topk(self.dataset.queries.ids, self.dataset.corpus.ids, scores, rows)
         return self.score(run), run
 
     def _out_device(self, model: Scorer) -> str | torch.device:

@@ -79,6 +79,7 @@ def score_into_store(
     ``doc_embeddings``: the teacher's document embeddings (a finished store of this model's ``doc`` side holding the
     corpus): documents are read from it instead of encoded."""
     keys = requested_keys(dataset, pairs)
+    d_hash = id_hashes(dataset.corpus.ids) if doc_embeddings is not None else None
     n_chunks = math.ceil(len(pairs) / chunk_size)
     todo = []
     for k in range(fabric.global_rank, n_chunks, fabric.world_size):
@@ -90,7 +91,7 @@ def score_into_store(
     for rows in tqdm(todo, desc=f"score rank {fabric.global_rank}", disable=not fabric.is_global_zero, unit="chunk"):
         chunk = pairs[rows]
         if doc_embeddings is not None:
-            values = [_score_from_embeddings(fabric, model, dataset, chunk, doc_embeddings, batch_size)]
+            values = [_score_from_embeddings(fabric, model, dataset, chunk, doc_embeddings, d_hash, batch_size)]
         else:
             values = [
                 _score_pairs(fabric, model, dataset, chunk[b : b + batch_size])
@@ -113,9 +114,16 @@ def _score_pairs(fabric: Fabric, model, dataset: IRDataset, batch: np.ndarray) -
 
 @torch.no_grad()
 def _score_from_embeddings(
-    fabric: Fabric, model, dataset: IRDataset, chunk: np.ndarray, docs: EmbeddingStore, batch_size: int
+    fabric: Fabric,
+    model,
+    dataset: IRDataset,
+    chunk: np.ndarray,
+    docs: EmbeddingStore,
+    d_hash: np.ndarray,
+    batch_size: int,
 ) -> np.ndarray:
-    """Scores of a chunk's pairs: its distinct queries encoded once, documents read from the store."""
+    """Scores of a chunk's pairs: its distinct queries encoded once, documents read from the store by their id
+    hashes ``d_hash`` (of the whole corpus, computed once per job)."""
     queries, q_of = np.unique(chunk[:, 0], return_inverse=True)
     q_ids = [dataset.queries.ids[i] for i in queries]
     keys = id_hashes(q_ids) if model.uses_query_keys else None
@@ -125,7 +133,6 @@ def _score_from_embeddings(
             texts = [dataset.queries.texts[i] for i in queries[b : b + batch_size]]
             reps.append(model.query_reps(texts, None if keys is None else keys[b : b + batch_size]))
     q_reps = tuple(torch.cat(parts) for parts in zip(*reps))
-    d_hash = id_hashes(dataset.corpus.ids)
     pad = model.config.get("doc_max_length") if model.multi_vector else None
     out = []
     for b in range(0, len(chunk), batch_size):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kdir.utils.config import instantiate_group, register_resolvers, resolve_device
+from kdir.utils.config import instantiate_group, launch_fabric, register_resolvers, resolve_device
 from kdir.utils.io import atomic_write, save_json, save_npy, save_text
 from kdir.utils.report import print_metrics
 from kdir.utils.settings import Setting, check_settings
@@ -13,6 +13,7 @@ __all__ = [
     "atomic_write",
     "check_settings",
     "instantiate_group",
+    "launch_fabric",
     "print_metrics",
     "register_resolvers",
     "resolve_device",

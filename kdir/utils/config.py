@@ -158,6 +158,21 @@ def resolve_device(device: str | None) -> str:
     return str(device)
 
 
+def launch_fabric(cfg: DictConfig) -> Any:
+    """A launched Lightning Fabric of ``cfg.accelerator`` / ``devices`` / ``precision`` (DDP for more than one
+    device): the processes of ``kdir.score`` and ``kdir.encode``."""
+    from lightning_fabric import Fabric
+
+    fabric = Fabric(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        precision=cfg.precision,
+        strategy="ddp" if cfg.devices not in (1, "1") else "auto",
+    )
+    fabric.launch()
+    return fabric
+
+
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every named node of a group such as ``callbacks`` or ``logger`` (``null`` → [])."""
     from hydra.utils import instantiate
