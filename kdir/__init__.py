@@ -8,6 +8,7 @@ which reads finished folders):
 ``evaluate``         end-to-end retrieval evaluation of any encoder
 ``evaluate_teacher`` evaluate a teacher as it is (re-ranking, or MaxSim retrieval)
 ``train_teacher``    train a teacher with hard labels
+``audit``            the teacher against the untrained student before distilling (also run by ``run``)
 ``score``            score candidate pairs with a teacher into a score store (resumable, multi-process)
 ``mine``             hard negatives from a student's own index
 ``encode``           a corpus (or queries) into an embedding store on disk (streamed, resumable, multi-process)

@@ -22,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import ConfigError, KdirError
+from kdir.training.audit import run_audit
 from kdir.training.module import DistillModule
 from kdir.training.resume import checkpoint_step, keep_logged_rows
 from kdir.utils import instantiate_group, print_metrics, save_json, task_wrapper
@@ -31,7 +32,8 @@ log = logging.getLogger("kdir.run")
 
 
 def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
-    """Run one distillation job; returns ``{"untrained": {...}, "trained": {...}}`` test metrics."""
+    """Run one distillation job; returns ``{"untrained": {...}, "trained": {...}}`` test metrics and, after any
+    validation, ``"val"``: the dev metrics (:func:`_dev_metrics`)."""
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
 
@@ -55,7 +57,8 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
 
     datamodule = instantiate(cfg.data)  # the training split, its examples and batching
     if signal is not None:
-        signal.bind(datamodule.train)  # open (or import, or create) the score store and check its provenance
+        # open (or import, or create) the score store and check its provenance; fill cached teacher embeddings
+        signal.bind(datamodule.train, datamodule.generated)
     formatters = {side: student.formatter(side) for side in ("query", "doc")}
     splits = {name: (ev.dataset, ev.batch_size) for name, ev in (("val", val), ("test", test)) if ev is not None}
     datamodule.attach(student.preparer(), loss.layout, signal, formatters, splits)
@@ -93,7 +96,13 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
             for lg in loggers:
                 lg.log_metrics({f"test/{k}": v for k, v in results["untrained"].items()}, step=0)
 
+    audit = cfg.get("audit") or {}  # the teacher against the untrained student, before any training (rank 0)
+    if signal is not None and audit.get("enabled") and ckpt_path is None and rank_zero_only.rank == 0:
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        run_audit(student, signal, datamodule.train, datamodule.examples, val, out, loggers, audit,
+                  name=choices.get("teacher"), seed=cfg.seed, device=trainer.strategy.root_device)  # fmt: skip
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    dev = _dev_metrics(trainer)  # before trainer.test replaces the callback metrics
     best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.best_model_path), None)
     if trainer.fast_dev_run:
         best = None
@@ -111,7 +120,39 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
             _export(cfg, student, out / "student", results, trainer.global_step)
         _report(results, test, out, best)
     _leave_process_group()
-    return results
+    return results | ({"val": dev} if dev else {})
+
+
+def _dev_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The dev metrics returned to sweepers (``optimized_metric=val/<measure>``), by measure: a measure a checkpoint
+    callback monitors is its *best* score (the checkpoint that is tested and exported: the trial's student, also
+    under early stopping); any other is the last validation's value."""
+    dev = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    for callback in trainer.checkpoint_callbacks:
+        monitor = getattr(callback, "monitor", None) or ""
+        if monitor.startswith("val/") and getattr(callback, "best_model_score", None) is not None:
+            dev[monitor.removeprefix("val/")] = float(callback.best_model_score)
+    return dev
+
+
+def _check_optimized_metric(cfg: DictConfig) -> None:
+    """Before training: a search selects on the dev split (``optimized_metric=test/...`` is refused under
+    ``hparams_search`` or the Optuna sweeper), and a ``val/...`` metric needs a validation split (``eval.val``)."""
+    metric = str(cfg.get("optimized_metric") or "")
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    search = f"hparams_search={choices['hparams_search']}" if choices.get("hparams_search") else None
+    if search is None and choices.get("hydra/sweeper") == "optuna":
+        search = "hydra/sweeper=optuna"
+    if search and metric.startswith("test/"):
+        raise ConfigError(
+            f"optimized_metric={metric}: {search} would select trials on the test split, which a search must never "
+            f"see; select on dev: optimized_metric=val/{metric.removeprefix('test/')}"
+        )
+    if metric.startswith("val/") and not OmegaConf.select(cfg, "eval.val"):
+        raise ConfigError(
+            f"optimized_metric={metric}: this run has no validation (eval.val is null); choose an eval option with a "
+            f"dev split (eval=quickstart, eval=scifact)" + ("" if search else " or optimized_metric=test/<measure>")
+        )
 
 
 def _check_in_memory(cfg: DictConfig, val, test, out: Path) -> None:
@@ -196,8 +237,16 @@ def _report(results: dict, test, out: Path, best: str | None) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="run")
 @task_wrapper
 def main(cfg: DictConfig) -> dict[str, dict[str, float]]:
-    """Hydra entry point; ``optimized_metric`` ``test/<measure>`` is the trained student's test metric."""
+    """Hydra entry point; ``optimized_metric`` ``test/<measure>`` is the trained student's test metric,
+    ``val/<measure>`` its dev metric (:func:`_dev_metrics`: the best checkpoint's score), which searches select on."""
+    _check_optimized_metric(cfg)
     results = train(cfg)
+    metric = str(cfg.get("optimized_metric") or "")
+    if metric.startswith("val/") and metric.removeprefix("val/") not in results.get("val", {}):
+        raise ConfigError(
+            f"optimized_metric={metric}: no validation of this run logged it; validate at least once "
+            f"(trainer.check_val_every_n_epoch, trainer.val_check_interval) with the measure in eval.metrics"
+        )
     return results | {"test": results.get("trained", {})}
 
 

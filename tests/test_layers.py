@@ -14,6 +14,7 @@ COMMANDS = {
     "evaluate",
     "evaluate_teacher",
     "train_teacher",
+    "audit",
     "score",
     "mine",
     "encode",

@@ -28,6 +28,7 @@ QUICK = [
     "trainer.precision=32-true",
     "logger=none",
     "eval_untrained=false",
+    "audit.enabled=false",  # the teacher audit has its own tests (test_audit.py)
 ]
 LENGTHS = ["student.query_max_length=16", "student.doc_max_length=32"]
 TEACHER_LENGTHS = ["teacher.query_max_length=16", "teacher.doc_max_length=32"]

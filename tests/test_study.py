@@ -69,8 +69,19 @@ def test_results_table_means_stds_and_gap_closed(tmp_path):
     assert cells[2] == "2"
     assert cells[3] == "0.5900 ± 0.0141"  # mean and sample std of 0.58, 0.60
     assert cells[6].startswith("+45%")  # (0.59 - 0.5) / (0.7 - 0.5)
-    assert cells[7] == "0.4500 ± 0.0707"  # best dev score of each seed: 0.4 and 0.5
-    assert cells[8] == "1.7 min"  # the fastest seed
+    assert cells[7] == "n=2 vs 0"  # no hard-label baseline recorded: no test
+    assert cells[8] == "0.4500 ± 0.0707"  # best dev score of each seed: 0.4 and 0.5
+    assert cells[9] == "1.7 min"  # the fastest seed
+    for seed, v in ((1, 0.55), (2, 0.56)):  # the baseline: Welch's t-test, by hand
+        (tmp_path / f"infonce_s{seed}.json").write_text(_rec(v))
+    text, _ = table.build(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| margin_mse |"))
+    se2 = 0.0002 / 2 + 0.00005 / 2  # sample variances 0.0002 and 0.00005 over 2 seeds each
+    t = 0.035 / se2**0.5
+    df = se2**2 / ((0.0002 / 2) ** 2 + (0.00005 / 2) ** 2)  # Welch-Satterthwaite
+    from scipy.stats import t as student_t
+
+    assert f"+0.0350 vs infonce, t={t:+.2f}, p={2 * student_t.sf(t, df):.3f}" in row
     assert "| infonce |" in text and "not run" in text
     (tmp_path / "teacher_ce.json").write_text(_rec(0.45))  # a teacher below the student's start: no gap to close
     text, _ = table.build(tmp_path)

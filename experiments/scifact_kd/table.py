@@ -27,6 +27,7 @@ class Row:
     kind: str  # zero-shot | teacher | student
     teacher: str | None = None  # the row whose score is the teacher's (gap closed)
     start: str | None = None  # the row whose score is the student's start, when it is not L3 (its initialisation)
+    baseline: str = "infonce"  # the hard-label row at the same lengths (Welch's t-test against it)
 
 
 ROWS = (
@@ -50,7 +51,44 @@ ROWS = (
         "teacher_collective",
         start="teacher_colbert",
     ),
+    Row("l3_zero_len", "paraphrase-MiniLM-L3-v2, the length chosen on dev (256 tokens)", "zero-shot"),
+    Row("infonce_len", "L3 at 256 tokens, InfoNCE hard labels (in-batch + mined), no KD", "student", baseline=""),
+    Row(
+        "kd_l6",
+        "L3 at 256, in-batch KD from L6 (cached embeddings), real + generated queries",
+        "student",
+        "l6_zero",
+        start="l3_zero_len",
+        baseline="infonce_len",
+    ),
+    Row(
+        "kd_l6_emb",
+        "kd_l6 + embedding matching (queries, every batch document)",
+        "student",
+        "l6_zero",
+        start="l3_zero_len",
+        baseline="infonce_len",
+    ),
+    Row(
+        "kd_l6_emb_nce",
+        "kd_l6_emb + the InfoNCE hard-label term",
+        "student",
+        "l6_zero",
+        start="l3_zero_len",
+        baseline="infonce_len",
+    ),
 )
+DEV_ROWS = ("l3_dev_128", "l3_dev_256", "l3_dev_512", "l6_dev")
+
+
+def welch(a: list[float], b: list[float]) -> str:
+    """Welch's t-test of ``a`` against ``b`` (``t``, two-sided ``p``), or why there is none."""
+    if len(a) < 2 or len(b) < 2:
+        return f"n={len(a)} vs {len(b)}"
+    from scipy.stats import ttest_ind
+
+    t, p = ttest_ind(a, b, equal_var=False)
+    return f"t={t:+.2f}, p={p:.3f}"
 
 
 def load(results: Path, row: Row) -> list[dict]:
@@ -77,13 +115,15 @@ def best_val(record: dict) -> float | None:
 def build(results: Path) -> tuple[str, list[tuple[str, float, float]]]:
     records = {row.key: load(results, row) for row in ROWS}
     base = records["l3_zero"][0]["metrics"]["nDCG@10"] if records["l3_zero"] else None
-    head = "| row | model | n | nDCG@10 | R@100 | RR@10 | gap closed | dev nDCG@10 | wall time |"
-    lines = [head, "|" + "---|" * 9]
+    head = (
+        "| row | model | n | nDCG@10 | R@100 | RR@10 | gap closed | vs hard labels (Welch) | dev nDCG@10 | wall time |"
+    )
+    lines = [head, "|" + "---|" * 10]
     bars = []
     for row in ROWS:
         recs = records[row.key]
         if not recs:
-            lines.append(f"| {row.key} | {row.label} | 0 | not run | | | | | |")
+            lines.append(f"| {row.key} | {row.label} | 0 | not run | | | | | | |")
             continue
         cols = [fmt([r["metrics"][m] for r in recs]) for m in METRICS]
         gap = ""
@@ -100,14 +140,29 @@ def build(results: Path) -> tuple[str, list[tuple[str, float, float]]]:
                 gap = f"{mean_std(gaps)[0]:+.0%} (of {t:.4f}{own})"
             else:  # nothing to close: the teacher is not above the student's start
                 gap = f"n/a (teacher {t:.4f} ≤ {'L3' if start == base else f'{start:.4f}'})"
+        test = [r["metrics"]["nDCG@10"] for r in recs]
+        base_recs = records.get(row.baseline, []) if row.kind == "student" and row.baseline else []
+        versus = f"n={len(test)} vs 0" if row.kind == "student" and row.baseline and not base_recs else ""
+        if base_recs:
+            ref = [r["metrics"]["nDCG@10"] for r in base_recs]
+            versus = f"{mean_std(test)[0] - mean_std(ref)[0]:+.4f} vs {row.baseline}, {welch(test, ref)}"
         vals = [v for v in (best_val(r) for r in recs) if v is not None]
         dev = fmt(vals) if vals else ""
         secs = min(r["seconds"] for r in recs)  # the least disturbed run
         lines.append(
-            f"| {row.key} | {row.label} | {len(recs)} | " + " | ".join(cols) + f" | {gap} | {dev} | "
+            f"| {row.key} | {row.label} | {len(recs)} | " + " | ".join(cols) + f" | {gap} | {versus} | {dev} | "
             f"{secs / 60:.1f} min |"
         )
         bars.append((row.key, *mean_std([r["metrics"]["nDCG@10"] for r in recs])))
+    dev_rows = [
+        (k, json.loads((results / f"{k}.json").read_text())) for k in DEV_ROWS if (results / f"{k}.json").exists()
+    ]
+    if dev_rows:
+        lines.append(
+            "\nLength choice on dev (zero-shot nDCG@10 on the 100 dev queries; the test split is not read):\n"
+        )
+        lines += ["| row | dev nDCG@10 | wall time |", "|---|---|---|"]
+        lines += [f"| {k} | {r['metrics']['nDCG@10']:.4f} | {r['seconds'] / 60:.1f} min |" for k, r in dev_rows]
     hw = next((r[0]["hardware"] for r in records.values() if r), "")
     lines.append(
         f"\nHardware: {hw}. n = seeds (students) or runs. Student test metrics are the checkpoint with the "

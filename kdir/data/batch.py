@@ -68,7 +68,9 @@ class TrainBatch:
 
     Lightning moves every tensor field to the device. The teacher fields are set by the teacher signal's mode:
     ``teacher_scores`` (``cached`` / ``fill``: scores read from the store, NaN where missing), ``teacher_inputs``
-    (``online``: the teacher's prepared inputs), ``teacher_fill`` (``fill``: the missing pairs to score).
+    (``online``: the teacher's prepared inputs), ``teacher_fill`` (``fill``: the missing pairs to score),
+    ``teacher_embeddings`` (``online`` with cached teacher embeddings: ``doc [D, d]`` of the batch's distinct
+    documents and, when the queries are cached too, ``query [B+G, d]``, fp16 from the embedding stores).
     """
 
     inputs: dict[str, Tensor]  # the student's prepared inputs (``candidates [B+G, C]`` among them)
@@ -79,6 +81,7 @@ class TrainBatch:
     teacher_scores: Tensor | None = None  # [B, C] fp32
     teacher_inputs: dict[str, Tensor] | None = None
     teacher_fill: TeacherFill | None = None
+    teacher_embeddings: dict[str, Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.positive)

@@ -32,6 +32,7 @@ class SignalCollate(Protocol):
         doc_texts: list[str],
         n_generated: int = 0,
         own: np.ndarray | None = None,
+        generated: np.ndarray | None = None,
     ) -> dict[str, Any]: ...
 
     def index_candidates(self, pair_codes: np.ndarray) -> None: ...
@@ -63,7 +64,9 @@ class TrainCollator:
 
     With ``generated`` queries (EmbedDistill), ``generated_per_batch`` of them are drawn for every batch and
     appended as extra rows over the same in-batch documents, with no positive (``-1``) and ``generated=True``:
-    losses that read labels skip them.
+    losses that read labels skip them. With ``generated_source_docs`` the documents the drawn queries were generated
+    from (their ``source_id``, a corpus id) join the batch's documents, as extra columns of every row: the teacher's
+    distribution over the candidates of a generated query then holds the passage it was made from (never a label).
 
     With the inbatch layout and the training ``examples`` given, the signal indexes the stored pairs among those the
     examples can give each query (:func:`own_candidate_codes`), and a batch looks up each row's own candidates and,
@@ -80,6 +83,7 @@ class TrainCollator:
         generated_per_batch: int = 0,
         seed: int = 0,
         examples: Examples | None = None,
+        generated_source_docs: bool = False,
     ):
         if generated is not None and generated_per_batch > 0 and layout != "inbatch":
             raise ConfigError("generated queries need the inbatch layout (they have no documents of their own)")
@@ -87,6 +91,9 @@ class TrainCollator:
         self.generated = generated if generated is not None and generated_per_batch > 0 else None
         self.n_generated = min(generated_per_batch, len(generated)) if self.generated is not None else 0
         self.seed = seed
+        self.source_codes = (
+            source_codes(self.generated, dataset) if generated_source_docs and self.n_generated else None
+        )
         self.positive_keys = positive_keys(dataset)
         self.n_docs = len(dataset.corpus)
         if layout == "inbatch" and signal is not None and examples is not None:
@@ -99,6 +106,17 @@ class TrainCollator:
         b, n = len(q), neg.shape[1]
         unique, inverse = np.unique(np.concatenate([pos, neg.reshape(-1)]), return_inverse=True)
         candidates = inverse.reshape(-1)[candidate_columns(b, n, self.layout)]  # [B, C] into `unique`
+        g, drawn = self.n_generated, None
+        if g:
+            rows = np.asarray(item["rows"])
+            rng = np.random.default_rng([self.seed, int(rows[0]), len(rows), 7])
+            drawn = rng.choice(len(self.generated), g, replace=False)
+            if self.source_codes is not None:  # the drawn queries' source passages, as extra in-batch columns
+                sources = self.source_codes[drawn]
+                extra = np.setdiff1d(sources[sources >= 0], unique)
+                columns = np.arange(len(unique), len(unique) + len(extra))
+                unique = np.concatenate([unique, extra])
+                candidates = np.concatenate([candidates, np.broadcast_to(columns, (b, len(columns)))], axis=1)
         keys = q[:, None] * self.n_docs + unique[candidates]
         hit = np.searchsorted(self.positive_keys, keys).clip(max=len(self.positive_keys) - 1)
         is_pos = self.positive_keys[hit] == keys
@@ -106,18 +124,15 @@ class TrainCollator:
         is_pos[np.arange(b), positive] = False  # the labelled column itself is not a false negative
         qtexts = [self.dataset.queries.texts[i] for i in q]
         dtexts = [self.dataset.corpus.texts[i] for i in unique]
-        g = self.n_generated
         if g:  # generated rows: same in-batch columns, no positive, no false negatives
-            rows = np.asarray(item["rows"])
-            rng = np.random.default_rng([self.seed, int(rows[0]), len(rows), 7])
-            qtexts += [self.generated.texts[i] for i in rng.choice(len(self.generated), g, replace=False)]
+            qtexts += [self.generated.texts[i] for i in drawn]
             candidates = np.concatenate([candidates, np.broadcast_to(candidates[:1], (g, candidates.shape[1]))])
             positive = np.concatenate([positive, np.full(g, -1)])
             is_pos = np.concatenate([is_pos, np.zeros((g, is_pos.shape[1]), dtype=bool)])
         teacher = {}
         if self.signal is not None:
             own = candidate_columns(b, n, "pairwise") if self.layout == "inbatch" else None  # [B, 1+n] columns
-            teacher = self.signal.collate(q, unique, candidates, qtexts, dtexts, g, own=own)
+            teacher = self.signal.collate(q, unique, candidates, qtexts, dtexts, g, own=own, generated=drawn)
         return TrainBatch(
             inputs=self.prepare(qtexts, dtexts, candidates),
             positive=torch.from_numpy(positive),
@@ -126,6 +141,23 @@ class TrainCollator:
             rows=item["rows"],
             **teacher,
         )
+
+
+def source_codes(generated: GeneratedQueries, dataset: IRDataset) -> np.ndarray:
+    """The corpus code of each generated query's ``source_id`` (``-1``: none, or not a document of ``dataset``).
+
+    Raises :class:`~kdir.errors.ConfigError` when fewer than half the sources are documents of the corpus (queries
+    infilled from real queries name a query, not a passage).
+    """
+    index = dataset.corpus.index
+    codes = np.array([index.get(s, -1) if s is not None else -1 for s in generated.sources], dtype=np.int64)
+    if (codes >= 0).mean() < 0.5:
+        raise ConfigError(
+            f"data.generated_source_docs=true, but only {int((codes >= 0).sum())} of {len(codes)} generated queries "
+            f"name a document of {dataset.name} as their source: set data.generated_source_docs=false for queries "
+            "generated from queries (generator=bart_infill)"
+        )
+    return codes
 
 
 Formatter = Callable[[Sequence[str]], dict[str, torch.Tensor]]  # texts of one side -> token tensors

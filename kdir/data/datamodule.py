@@ -47,6 +47,8 @@ class DistillDataModule(pl.LightningDataModule):
         shuffle: permute the examples each epoch.
         generated: unlabelled generated queries (``kdir.generate_queries``), added to every batch as
             ``generated_per_batch`` extra rows (inbatch layout; they never get hard labels).
+        generated_source_docs: the passages the drawn generated queries were made from (their ``source_id``) join
+            each batch's documents (queries generated from documents: ``generator=title|sentence|crop|doc2query_t5``).
     """
 
     def __init__(
@@ -59,9 +61,11 @@ class DistillDataModule(pl.LightningDataModule):
         shuffle: bool = True,
         generated: GeneratedQueries | None = None,
         generated_per_batch: int = 0,
+        generated_source_docs: bool = False,
     ):
         super().__init__()
         self.generated, self.generated_per_batch = generated, generated_per_batch
+        self.generated_source_docs = generated_source_docs
         self.train, self.batch_size, self.num_workers = train, batch_size, num_workers
         self.seed, self.shuffle = seed, shuffle
         self.examples: Examples = examples.build(train)
@@ -169,6 +173,7 @@ class DistillDataModule(pl.LightningDataModule):
             self.generated_per_batch,
             self.seed,
             examples=self.examples,  # the inbatch layout indexes the stored pairs among the examples' candidates
+            generated_source_docs=self.generated_source_docs,
         )
         return DataLoader(
             self.stream,

@@ -7,7 +7,7 @@ are looked up once, at collation.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,14 +19,21 @@ from kdir.errors import ConfigError, EmptySplitError, MissingFileError, UnknownI
 
 @dataclass(frozen=True)
 class TextStore:
-    """Id → text lookup with dense int codes (row ``i`` has id ``ids[i]``)."""
+    """Id → text lookup with dense int codes (row ``i`` has id ``ids[i]``).
+
+    ``titles`` (documents only): row ``i``'s title (``""`` if it has none; ``texts[i]`` already starts with it),
+    or ``None`` when the source has no non-empty title (TSV files, BEIR corpora without titles).
+    """
 
     ids: list[str]
     texts: list[str]
     index: dict[str, int] = field(repr=False)
+    titles: list[str] | None = field(default=None, repr=False)
 
     @classmethod
-    def from_pairs(cls, pairs: Iterable[tuple[str, str]], source: str = "<memory>") -> TextStore:
+    def from_pairs(
+        cls, pairs: Iterable[tuple[str, str]], source: str = "<memory>", titles: list[str] | None = None
+    ) -> TextStore:
         ids, texts = [], []
         for _id, text in pairs:
             ids.append(_id)
@@ -36,7 +43,9 @@ class TextStore:
         index = {_id: i for i, _id in enumerate(ids)}
         if len(index) != len(ids):
             raise UnknownIdError(f"{source}: duplicate ids ({len(ids) - len(index)} of them)")
-        return cls(ids, texts, index)
+        if titles is not None and len(titles) != len(ids):
+            raise ValueError(f"{source}: {len(titles)} titles for {len(ids)} texts")
+        return cls(ids, texts, index, titles if titles and any(titles) else None)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -57,10 +66,18 @@ def load_texts(path: str, allow_empty: bool = True) -> TextStore:
     """Load (once per process) a text file: ``.jsonl`` (BEIR) or ``.tsv`` (``id<TAB>text``).
 
     ``allow_empty``: documents may have an empty text (one warning gives their count); queries may not
-    (``False``: an error naming the file and line).
+    (``False``: an error naming the file and line). A BEIR file's titles are kept too (:attr:`TextStore.titles`).
     """
-    reader = read_jsonl_texts if path.endswith((".jsonl", ".json")) else read_tsv_texts
-    return TextStore.from_pairs(reader(path, allow_empty=allow_empty), source=path)
+    if not path.endswith((".jsonl", ".json")):
+        return TextStore.from_pairs(read_tsv_texts(path, allow_empty=allow_empty), source=path)
+    titles: list[str] = []
+
+    def pairs() -> Iterator[tuple[str, str]]:
+        for _id, text, title in read_jsonl_texts(path, allow_empty=allow_empty, with_title=True):
+            titles.append(title)
+            yield _id, text
+
+    return TextStore.from_pairs(pairs(), source=path, titles=titles)  # from_pairs reads pairs() to the end first
 
 
 @dataclass
@@ -164,13 +181,16 @@ def _ir_datasets_docs(docs_cls, docs, source: str) -> TextStore:
     has_title = "title" in fields
     text_field = "text" if "text" in fields else fields[1]
 
+    titles: list[str] = []
+
     def pairs():
         for d in docs:
             text = getattr(d, text_field)
             title = d.title if has_title else ""
+            titles.append(title or "")
             yield d.doc_id, f"{title} {text}" if title else text
 
-    return TextStore.from_pairs(pairs(), source=source)
+    return TextStore.from_pairs(pairs(), source=source, titles=titles)  # from_pairs reads pairs() to the end first
 
 
 def _check_positives(qrels: dict[str, dict[str, int]], min_relevance: int, source) -> None:

@@ -112,13 +112,15 @@ class _EmptyTexts:
             log.warning("%s: %d rows have an empty text (kept as empty texts)", self.path, self.n)
 
 
-def read_jsonl_texts(path: str | Path, title_sep: str = " ", allow_empty: bool = True) -> Iterator[tuple[str, str]]:
-    """Yield ``(id, text)`` from a BEIR ``corpus.jsonl`` / ``queries.jsonl``.
+def read_jsonl_texts(
+    path: str | Path, title_sep: str = " ", allow_empty: bool = True, with_title: bool = False
+) -> Iterator[tuple[str, str]] | Iterator[tuple[str, str, str]]:
+    """Yield ``(id, text)`` from a BEIR ``corpus.jsonl`` / ``queries.jsonl``, ``(id, text, title)`` if ``with_title``.
 
     A non-empty ``title`` is prepended to ``text`` with ``title_sep`` (the BEIR convention). ``text`` must be
-    a string (``""`` for a document with a title only); ``title`` a string or absent / ``null``. Rows whose
-    title and text are both empty are an error unless ``allow_empty`` (documents: one warning with their count;
-    queries: pass ``False``).
+    a string (``""`` for a document with a title only); ``title`` a string or absent / ``null`` (``""`` in the
+    ``with_title`` triples). Rows whose title and text are both empty are an error unless ``allow_empty``
+    (documents: one warning with their count; queries: pass ``False``).
     """
     expected = 'a JSON object with "_id" and a string "text"'
     empty = _EmptyTexts(path, allow_empty, 'a non-empty "text" (or "title")')
@@ -132,9 +134,9 @@ def read_jsonl_texts(path: str | Path, title_sep: str = " ", allow_empty: bool =
             raise DataFormatError(path, lineno, expected, got=line.strip()) from None
         if not isinstance(text, str) or not isinstance(title, str) or isinstance(_id, (dict, list)) or _id is None:
             raise DataFormatError(path, lineno, expected + ' (and "title", if any, a string)', got=line.strip())
-        text = f"{title}{title_sep}{text}" if title and text else title or text
-        empty.check(lineno, text, line)
-        yield str(_id), text
+        merged = f"{title}{title_sep}{text}" if title and text else title or text
+        empty.check(lineno, merged, line)
+        yield (str(_id), merged, title) if with_title else (str(_id), merged)
     empty.report()
 
 

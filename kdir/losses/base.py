@@ -42,7 +42,8 @@ class Candidates:
         generated: ``[B]`` bool, ``True`` for generated (unlabelled) queries; ``None``: all real.
         embeddings: ``{"query": (student [B, d_s], teacher [B, d_t]), "doc": (student, teacher)}``: the
             queries' embeddings and those of each query's own positive document (``doc`` rows of generated
-            queries are undefined), for embedding matching; ``{}`` when no loss needs them.
+            queries are undefined), for embedding matching, plus ``"docs"``: every distinct document of the batch
+            ``[D, d]`` (not per row), when a term matches them; ``{}`` when no loss needs them.
     """
 
     student: Tensor
@@ -74,7 +75,7 @@ class Candidates:
             mask=self.mask[rows],
             false_negative=self.false_negative[rows],
             generated=opt(self.generated),
-            embeddings={k: (s[rows], t[rows]) for k, (s, t) in self.embeddings.items()},
+            embeddings={k: (s, t) if k == "docs" else (s[rows], t[rows]) for k, (s, t) in self.embeddings.items()},
         )
 
 

@@ -36,6 +36,7 @@ class Composite(Loss):
         self.parts = nn.ModuleDict(active)
         self.uses_teacher = any(t.uses_teacher for t in active.values())
         self.uses_embeddings = any(t.uses_embeddings for t in active.values())
+        self.matches_batch_docs = any(getattr(t, "side", None) == "docs" for t in active.values())
 
     def terms(self, c: Candidates) -> dict[str, Tensor]:
         return {name: term(c) for name, term in self.parts.items()}

@@ -39,11 +39,13 @@ def embed_match(student: Tensor, teacher: Tensor, distance: Distance = "l2") -> 
 
 
 class EmbedMatch(Loss):
-    """Match the student's query (``side=query``) or positive-document (``side=doc``) embeddings to the teacher's.
+    """Match the student's query (``side=query``), positive-document (``side=doc``) or batch-document
+    (``side=docs``) embeddings to the teacher's.
 
     Args:
-        side: ``query`` (applies to generated queries too by default) or ``doc`` (each real query's own
-            positive; a generated query has none).
+        side: ``query`` (applies to generated queries too by default), ``doc`` (each real query's own
+            positive; a generated query has none) or ``docs`` (every distinct document of the batch: positives,
+            negatives and generated queries' source passages, whoever's rows are trained; a bi-encoder student).
         distance: ``l2`` (Euclidean, not squared), ``mse`` or ``cosine``.
         student_dim / teacher_dim: when both are given and differ, a learned ``Linear(student_dim, teacher_dim)``
             maps the student's embeddings first.
@@ -55,7 +57,7 @@ class EmbedMatch(Loss):
 
     def __init__(
         self,
-        side: Literal["query", "doc"] = "query",
+        side: Literal["query", "doc", "docs"] = "query",
         distance: Distance = "l2",
         layout: Layout = "inbatch",
         student_dim: int | None = None,
@@ -64,8 +66,8 @@ class EmbedMatch(Loss):
         weight: float = 1.0,
         applies_to: AppliesTo | None = None,
     ):
-        if side not in ("query", "doc"):
-            raise ConfigError(f"side must be query or doc, got {side!r}")
+        if side not in ("query", "doc", "docs"):
+            raise ConfigError(f"side must be query, doc or docs, got {side!r}")
         self.uses_labels = side == "doc"  # the positive document of the query: real queries only
         super().__init__(layout, weight, applies_to)
         if distance not in ("l2", "mse", "cosine"):

@@ -511,7 +511,13 @@ class DualEncoder(Scorer):
         """Scores ``[B, C]``, query embeddings ``[B, dim]`` and each query's ``positive``-column document's
         embedding ``[B, dim]`` (rows with ``positive < 0`` take column 0: undefined for embedding matching)."""
         q, d = self.embed(inputs)
-        cand = inputs["candidates"].to(q.device)
+        return self.outputs_of(q, d, inputs["candidates"], positive)
+
+    def outputs_of(
+        self, q: Tensor, d: Tensor, candidates: Tensor, positive: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`outputs` from query ``[B, dim]`` and distinct-document ``[D, dim]`` embeddings (e.g. cached)."""
+        cand = candidates.to(q.device)
         own = cand.gather(1, positive.clamp(min=0).to(cand.device)[:, None])[:, 0]
         return self.score_matrix(q, d).float().gather(1, cand), q, d[own]
 

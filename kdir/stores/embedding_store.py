@@ -259,6 +259,12 @@ class EmbeddingStore:
                 "encoding to finish it (it resumes at the last finished chunk)"
             )
 
+    def __getstate__(self) -> dict[str, Any]:  # dataloader workers map the files again instead of copying them
+        return {"path": str(self.path), "allow_incomplete": self.allow_incomplete}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["allow_incomplete"])
+
     # -- opening and creating ---------------------------------------------------------------------------
 
     @classmethod

@@ -78,6 +78,11 @@ class DistillModule(pl.LightningModule):
             raise ConfigError(f"schedule must be linear, constant or cosine, got {schedule!r}")
         if gather_across_devices and loss.layout != "inbatch":
             raise ConfigError("gather_across_devices needs the inbatch layout")
+        if getattr(loss, "matches_batch_docs", False) and not hasattr(student, "outputs_of"):
+            raise ConfigError(
+                "an embedding-matching term with side=docs needs a single-vector student, got "
+                f"{type(student).__name__}"
+            )
         self.student, self.loss, self.optimizer_factory, self.warmup = student, loss, optimizer, warmup
         self.signal = signal  # a plain attribute, not a submodule: no teacher weights in checkpoints
         self.evaluators = {"val": val, "test": test}
@@ -93,6 +98,12 @@ class DistillModule(pl.LightningModule):
         embeddings: dict[str, tuple[Tensor, Tensor]] = {}
         if self.gather_across_devices and self.trainer.world_size > 1:
             student, teacher, positive, false_negative = self._gathered_scores(batch)
+        elif getattr(self.loss, "matches_batch_docs", False) or getattr(self.loss, "side", None) == "docs":
+            cand = batch.inputs["candidates"]
+            s_q, s_all = self.student.embed(batch.inputs)
+            student, s_q, s_d = self.student.outputs_of(s_q, s_all, cand, positive)
+            teacher, t_q, t_d, t_all = self.signal.outputs(batch, positive, batch_docs=True)
+            embeddings = {"query": (s_q, t_q), "doc": (s_d, t_d), "docs": (s_all, t_all)}
         elif self.loss.uses_embeddings:
             student, s_q, s_d = self.student.outputs(batch.inputs, positive)
             teacher, t_q, t_d = self.signal.outputs(batch, positive)

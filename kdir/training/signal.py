@@ -11,6 +11,11 @@ computed but not yet written and the store as it is then, so that a pair is scor
 the workers read ahead. Its segments are merged as they are written (:class:`~kdir.stores.score_store.TieredAppender`),
 so a lookup searches ``O(log n)`` of them after ``n`` writes.
 
+``online`` with cached teacher embeddings (``doc_embeddings`` / ``query_embeddings``: embedding stores, filled once by
+the frozen bi-encoder teacher itself when missing, resumable): the dataloader workers read the batch's documents' (and
+queries') teacher embeddings from the stores, so the teacher encodes only what is not cached (the queries, or
+nothing) in the step; scores and embedding matching use the cached vectors as they would the online ones.
+
 ``cached`` with the in-batch layout ``[B, B(1+n)]``: each row's own candidates are looked up, and its other columns
 only where a per-query index of the stored pairs (built once from the candidates the training examples can give a
 query, and the run a ``kdir.score`` store recorded) holds the pair, so a batch costs the pairs stored, not ``B²``.
@@ -29,11 +34,20 @@ from torch import Tensor
 
 from kdir.data.batch import TeacherFill, TrainBatch
 from kdir.errors import ConfigError, KdirError, MissingFileError, NonFiniteError, OutputExistsError
-from kdir.stores import ScoreStore, id_hashes, import_differences, pair_keys, sibling_store, teacher_differences
+from kdir.stores import (
+    EmbeddingStore,
+    ScoreStore,
+    id_hashes,
+    import_differences,
+    pair_keys,
+    sibling_store,
+    teacher_differences,
+)
 from kdir.stores.score_store import TieredAppender
 
 if TYPE_CHECKING:
     from kdir.data.dataset import IRDataset
+    from kdir.data.generated import GeneratedQueries
     from kdir.models.base import Scorer
 
 log = logging.getLogger(__name__)
@@ -78,6 +92,12 @@ class TeacherSignal:
         flush_every: ``fill`` writes the newly computed pairs to the store in segments of this size.
         force_positive_max: set the teacher score of each query's labelled positive to the maximum of its row
             (CollectiveKD: the expanded teacher's drift cannot rank another passage above the gold one).
+        doc_embeddings: ``online`` with a single-vector bi-encoder teacher: an embedding store of the teacher's
+            document embeddings of the training corpus (``kdir.encode`` with the teacher, or filled here at
+            :meth:`bind` when missing or unfinished: resumable, chunk by chunk); the step reads them, not the teacher.
+        query_embeddings: likewise for the training queries and the generated ones (their ids prefixed
+            ``generated:``); without it the teacher encodes the batch's queries in the step.
+        embed_batch_size: texts per forward pass when filling an embedding store.
     """
 
     def __init__(
@@ -90,6 +110,9 @@ class TeacherSignal:
         force: bool = False,
         flush_every: int = 50_000,
         force_positive_max: bool = False,
+        doc_embeddings: str | Path | None = None,
+        query_embeddings: str | Path | None = None,
+        embed_batch_size: int = 256,
     ):
         if mode not in ("cached", "online", "fill"):
             raise ConfigError(f"teacher signal mode must be cached, online or fill; got {mode!r}")
@@ -112,21 +135,44 @@ class TeacherSignal:
         self._provenance: dict | None = None
         self._dataset: IRDataset | None = None
         self._index: tuple[np.ndarray, np.ndarray] | None = None  # stored pairs per query: (starts [Q+1], docs)
+        self.embedding_paths = {"doc": doc_embeddings, "query": query_embeddings}
+        self.embed_batch_size = embed_batch_size
+        self.embedding_stores: dict[str, EmbeddingStore] = {}
+        if doc_embeddings is None and query_embeddings is not None:
+            raise ConfigError("signal.query_embeddings needs signal.doc_embeddings (the documents' cached embeddings)")
+        if doc_embeddings is not None:
+            if mode != "online" or model is None or not model.embeds or model.multi_vector:
+                raise ConfigError(
+                    "signal.doc_embeddings caches a single-vector bi-encoder teacher's embeddings (signal=online, "
+                    f"e.g. teacher=bi_encoder); got mode {mode!r} with {type(model).__name__}"
+                )
+            self._query_format = model.formatter("query")  # the workers tokenise queries that are not cached
 
     def __getstate__(self) -> dict:
         """Dataloader workers get the tokenisation and the store, not the teacher's weights nor the writer."""
         return self.__dict__ | {"model": None, "_writer": None}
 
-    def bind(self, dataset: IRDataset) -> TeacherSignal:
+    def bind(self, dataset: IRDataset, generated: GeneratedQueries | None = None) -> TeacherSignal:
         """Hash the dataset's ids and open (or import / create) the store, checking its provenance.
 
         With ``import_file`` the store is that file's finished import: imported (atomically) when there is none
         or when an earlier import did not finish; a store imported from another or a changed file is an error.
+        With cached teacher embeddings, their stores are opened (or filled) for the corpus and for the dataset's
+        queries plus the ``generated`` ones.
         """
         self.q_hash, self.d_hash = id_hashes(dataset.queries.ids), id_hashes(dataset.corpus.ids)
+        gen_ids = [f"generated:{i}" for i in generated.ids] if generated is not None else []
+        self.g_hash = id_hashes(gen_ids)
         self._dataset, self._index = dataset, None
         if self.model is not None:
             self.model.freeze()
+        if self.embedding_paths["doc"] is not None:
+            corpus = dataset.corpus
+            self.embedding_stores = {"doc": self._embedding_store("doc", corpus.texts, corpus.ids, dataset.name)}
+            if self.embedding_paths["query"] is not None:
+                texts = list(dataset.queries.texts) + (list(generated.texts) if generated is not None else [])
+                ids = list(dataset.queries.ids) + gen_ids
+                self.embedding_stores["query"] = self._embedding_store("query", texts, ids, dataset.name)
         if self.store_path is None:
             return self
         if self.import_file is not None:
@@ -142,6 +188,49 @@ class TeacherSignal:
             )
         self._check_provenance()
         return self
+
+    def _embedding_store(self, side: str, texts: list[str], ids: list[str], name: str) -> EmbeddingStore:
+        """The teacher's finished embedding store of ``side`` for ``ids``: opened (provenance checked), or filled."""
+        path = Path(self.embedding_paths[side])
+        chunk_size = {}
+        if (path / "meta.json").is_file():
+            store = EmbeddingStore.open(path, allow_incomplete=True)
+            if not store.complete:  # an interrupted fill: resumed below, with the layout it was started with
+                chunk_size = {"chunk_size": int(store.meta["chunk_size"])}
+            else:
+                store.check_provenance(self._teacher(), side)
+                missing = int((store.rows(id_hashes(ids)) < 0).sum())
+                if missing:
+                    raise ConfigError(
+                        f"signal.{side}_embeddings={path}: {missing} of {len(ids)} {side} ids of {name} are not in "
+                        f"the store: point signal.{side}_embeddings at a new folder (it is filled with the teacher)"
+                    )
+                log.info("teacher embeddings: %s (%d %s vectors, cached)", path, len(store), side)
+                return store
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            raise ConfigError(
+                f"signal.{side}_embeddings={path} is not filled yet, and this job has several processes that would "
+                "all fill it: fill it first with one process (the same run with trainer.devices=1 fills it before it "
+                "trains; stop it then), and start this job again"
+            )
+        from kdir.retrieval.stream_encode import encode_into_store
+
+        log.info("teacher embeddings: encoding %d %s texts of %s into %s", len(texts), side, name, path)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        store = encode_into_store(
+            self.model,
+            texts,
+            ids,
+            path,
+            side,
+            batch_size=self.embed_batch_size,
+            dataset=name,
+            device=device,
+            progress=True,
+            **chunk_size,
+        )
+        self.model.to("cpu")  # moved to the training device with the module
+        return store
 
     def _teacher(self) -> dict:
         """The configured teacher's provenance (computed once: it hashes the weights)."""
@@ -264,14 +353,27 @@ class TeacherSignal:
         doc_texts: list[str],
         n_generated: int = 0,
         own: np.ndarray | None = None,
+        generated: np.ndarray | None = None,
     ) -> dict:
         """Batch entries for the teacher: ``queries [B]`` / ``docs [D]`` dataset codes, ``candidates [B + G, C]``.
 
-        The last ``n_generated`` rows of ``candidates`` / ``query_texts`` are generated queries (no id, no
-        cached score: online teachers only). ``own [B, k]``: the columns of each row's own candidates, given when
-        every row has the same candidates (the inbatch layout); in ``cached`` mode with an index
-        (:meth:`index_candidates`) the other columns are then looked up only where the index holds the pair.
+        The last ``n_generated`` rows of ``candidates`` / ``query_texts`` are generated queries (rows ``generated``
+        of the generated queries; no cached score: online teachers only). ``own [B, k]``: the columns of each row's
+        own candidates, given when every row has the same candidates (the inbatch layout); in ``cached`` mode with
+        an index (:meth:`index_candidates`) the other columns are then looked up only where the index holds the pair.
         """
+        if self.embedding_stores:
+            out = {
+                "teacher_embeddings": {"doc": torch.from_numpy(self.embedding_stores["doc"].lookup(self.d_hash[docs]))}
+            }
+            if "query" in self.embedding_stores:
+                keys = self.q_hash[queries]
+                if n_generated:
+                    keys = np.concatenate([keys, self.g_hash[np.asarray(generated)]])
+                out["teacher_embeddings"]["query"] = torch.from_numpy(self.embedding_stores["query"].lookup(keys))
+            else:
+                out["teacher_inputs"] = {"query": self._query_format(query_texts)}
+            return out
         if self.mode == "online":
             kw = {}
             if self._query_keys:  # e.g. the collective teacher's expansions
@@ -371,14 +473,28 @@ class TeacherSignal:
         return self._labels(self._raw_scores(batch), batch)
 
     @torch.no_grad()
-    def outputs(self, batch: TrainBatch, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Teacher scores ``[B, C]``, query embeddings ``[B, d]`` and own-positive document embeddings ``[B, d]``."""
+    def outputs(self, batch: TrainBatch, positive: Tensor, batch_docs: bool = False) -> tuple[Tensor, ...]:
+        """Teacher scores ``[B, C]``, query embeddings ``[B, d]`` and own-positive document embeddings ``[B, d]``;
+        with ``batch_docs`` also every distinct document's embedding ``[D, d]`` (a bi-encoder teacher)."""
         if self.mode != "online" or not self.model.embeds:
             raise KdirError(
                 f"embedding matching needs an online teacher that embeds (a bi-encoder, or a "
                 f"cross-encoder with dual_pooling), got {type(self.model).__name__} in mode {self.mode!r}"
             )
-        scores, q, d = self.model.outputs(batch.teacher_inputs, positive)
+        if batch_docs:
+            if not hasattr(self.model, "outputs_of"):
+                raise ConfigError(
+                    f"matching every batch document's embedding (side=docs) needs a bi-encoder teacher, got "
+                    f"{type(self.model).__name__}"
+                )
+            q, d = self._cached_embeddings(batch) if batch.teacher_embeddings is not None else self.embed(batch)
+            scores, q, own = self.model.outputs_of(q, d, batch.inputs["candidates"], positive)
+            return self._labels(scores.float(), batch), q, own, d
+        if batch.teacher_embeddings is not None:
+            q, d = self._cached_embeddings(batch)
+            scores, q, d = self.model.outputs_of(q, d, batch.inputs["candidates"], positive)
+        else:
+            scores, q, d = self.model.outputs(batch.teacher_inputs, positive)
         return self._labels(scores.float(), batch), q, d
 
     @torch.no_grad()
@@ -389,7 +505,20 @@ class TeacherSignal:
                 f"gathering candidates across devices needs an online bi-encoder teacher, got "
                 f"{type(self.model).__name__} in mode {self.mode!r}"
             )
+        if batch.teacher_embeddings is not None:
+            return self._cached_embeddings(batch)
         return self.model.embed(batch.teacher_inputs)
+
+    def _cached_embeddings(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
+        """The batch's teacher query ``[B+G, d]`` (cached, or encoded now) and document ``[D, d]`` embeddings, fp32."""
+        cached = batch.teacher_embeddings
+        if "query" in cached:
+            q = cached["query"]
+        else:
+            from kdir.models.base import to_device
+
+            q = self.model.encode(to_device(batch.teacher_inputs["query"], self.model.device), "query")
+        return q.float(), cached["doc"].to(q.device).float()
 
     def nonfinite(self, scores: Tensor) -> Tensor:
         """0-d count of the unusable entries of teacher ``scores``: ±inf, and NaN except in ``cached`` mode (there
@@ -415,6 +544,9 @@ class TeacherSignal:
         return force_positive_max(scores, batch.positive.to(scores.device))
 
     def _raw_scores(self, batch: TrainBatch) -> Tensor:
+        if batch.teacher_embeddings is not None:
+            q, d = self._cached_embeddings(batch)
+            return self.model.score_reps((q,), (d,), batch.inputs["candidates"]).float()
         if self.mode == "online":
             return self.model(batch.teacher_inputs).float()
         scores = batch.teacher_scores.float()
