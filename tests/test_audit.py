@@ -198,3 +198,36 @@ def test_kdir_run_audits_before_training_and_trains_as_without_it(tmp_path, quic
     losses = [[r["train/loss"] for r in _csv(tmp_path / k) if r.get("train/loss")] for k in ("on", "off")]
     assert losses[0] == losses[1] and losses[0]
     assert all(math.isfinite(v) for v in on.values())
+
+
+def test_the_dev_audit_reads_a_cached_teachers_documents_from_its_store(tmp_path, quickstart):
+    """signal.doc_embeddings: the audit's teacher scores come from the store (filled at bind), as online ones."""
+    args = [
+        "teacher=bi_encoder",
+        f"teacher.path={quickstart['model']}",
+        "teacher.pooling=mean",
+        "teacher.similarity=cosine",
+    ]
+    args += ["teacher.query_max_length=16", "teacher.doc_max_length=32", "audit.max_queries=20"]
+    assert run_command("kdir.audit", *args, f"hydra.run.dir={tmp_path / 'online'}") == 0
+    store = tmp_path / "doc.store"
+    assert run_command("kdir.audit", *args, f"signal.doc_embeddings={store}", f"hydra.run.dir={tmp_path / 'c'}") == 0
+    assert (store / "meta.json").is_file()
+    online, cached = (json.loads((tmp_path / d / "audit.json").read_text()) for d in ("online", "c"))
+    for key in ("nDCG@10", "RR@10", "R@50", "mean", "std"):
+        assert cached["teacher"][key] == pytest.approx(online["teacher"][key], abs=2e-3)
+    assert cached["agreement"]["spearman"] == pytest.approx(online["agreement"]["spearman"], abs=0.02)
+
+
+def test_the_printed_audit_keeps_bracketed_split_names(capsys):
+    from kdir.training.audit import print_audit
+
+    side = {"nDCG@10": 0.5, "mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0, "query_std": 0.0}
+    result = {
+        "measures": ["nDCG@10"], "split": "scifact/train[held]", "queries": 1, "pairs": 2, "teacher_name": "t",
+        "teacher": side, "student": side | {"nDCG@10": 0.4}, "agreement": {"spearman": 0, "kendall": 0, "top1": 0},
+        "candidates": "c", "stage": "train", "warning": None,
+    }  # fmt: skip
+    print_audit(result)
+    out = capsys.readouterr().out
+    assert "teacher audit: scifact/train[held]" in out and "untrained student on scifact/train[held]" in out

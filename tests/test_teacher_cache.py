@@ -168,3 +168,22 @@ def test_batch_document_matching_by_hand(data, teacher, quickstart, tmp_path):
     torch.testing.assert_close(s_d.detach(), expected_s, atol=1e-5, rtol=1e-5)
     by_hand = 2.0 * torch.linalg.vector_norm(expected_t - expected_s, dim=1).mean()
     torch.testing.assert_close(loss.terms(c)["docs"].detach(), by_hand, atol=2e-3, rtol=2e-3)
+
+
+def test_the_readme_unlabelled_queries_commands_compose(tmp_path):
+    """Every ``python -m kdir.<command>`` line of the README's section on unlabelled queries composes."""
+    import re
+    import shlex
+
+    from conftest import ROOT, compose_cfg
+
+    section = (ROOT / "README.md").read_text().split("## Distilling on unlabelled queries")[1].split("\n## ")[0]
+    lines = [x.strip() for x in section.replace("\\\n", " ").splitlines() if x.strip().startswith("python -m kdir.")]
+    assert len(lines) == 2, lines
+    for line in lines:
+        words = shlex.split(re.sub(r"\S*<[^>]*>\S*", "", line.split("  #")[0]))
+        cfg = compose_cfg(tmp_path, words[3:], name=words[2].removeprefix("kdir."))
+        assert cfg is not None, line
+    cfg = compose_cfg(tmp_path, shlex.split(re.sub(r"\S*<[^>]*>\S*", "", lines[1]))[3:] + ["teacher.path=x"])
+    assert cfg.signal.doc_embeddings == "l6.doc" and cfg.data.generated_source_docs is True
+    assert cfg.loss.terms.emb_docs.weight == 1

@@ -55,9 +55,10 @@ from kdir.data.dataset import IRDataset, TextStore
 from kdir.data.examples import Examples, RunNegatives
 from kdir.data.formats import read_trec_run, top_ranked
 from kdir.errors import ConfigError, KdirError
+from kdir.models.base import to_device
 from kdir.retrieval.evaluators import RerankEvaluator, RetrievalEvaluator
 from kdir.retrieval.metrics import Run, evaluate_run, write_trec_run
-from kdir.stores import id_hashes, pair_keys
+from kdir.stores import EmbeddingStore, id_hashes, pair_keys
 from kdir.training.diagnostics import masked_mean_std, spearman, top1_agreement
 from kdir.utils.io import save_json
 
@@ -194,6 +195,23 @@ def rerank(model: Scorer, dataset: IRDataset, candidates: Run, batch_size: int, 
         return evaluator.evaluate(model, progress=progress)[1]
 
 
+@torch.no_grad()
+def rerank_from_store(teacher: Scorer, store: EmbeddingStore, candidates: Run, dataset: IRDataset) -> Run | None:
+    """A bi-encoder ``teacher``'s scores of ``candidates`` from its cached document embeddings (``store``): only the
+    queries are encoded. ``None`` when the store lacks a candidate document (then the teacher encodes them)."""
+    qids = [q for q in candidates if candidates[q]]
+    pids = sorted({p for q in qids for p in candidates[q]})
+    rows = store.rows(id_hashes(pids))
+    if not len(pids) or (rows < 0).any():
+        return None
+    docs = torch.from_numpy(store.lookup(id_hashes(pids))).float()
+    index = {p: i for i, p in enumerate(pids)}
+    texts = [dataset.queries.texts[dataset.queries.index[q]] for q in qids]
+    queries = teacher.encode(to_device(teacher.formatter("query")(texts), teacher.device), "query").float().cpu()
+    scores = queries @ docs.T  # [Q, distinct candidates]
+    return {q: {p: float(scores[i, index[p]]) for p in candidates[q]} for i, q in enumerate(qids)}
+
+
 def _as_run(dataset: IRDataset, queries: np.ndarray, cands: list[np.ndarray], scores: list[np.ndarray]) -> Run:
     """``{qid: {pid: score}}`` of the candidates with a finite score."""
     ids, docs = dataset.queries.ids, dataset.corpus.ids
@@ -212,7 +230,7 @@ def _check(depth: int, max_queries: int, batch_size: int) -> None:
 
 def _dev_audit(
     student: Scorer, teacher: Scorer, val: RetrievalEvaluator, measures: list[str], depth: int, max_queries: int,
-    batch_size: int, seed: int, device: torch.device | None, progress: bool,
+    batch_size: int, seed: int, device: torch.device | None, progress: bool, store: EmbeddingStore | None = None,
 ) -> tuple[dict[str, Any], Run, Run]:  # fmt: skip
     """The student's own top-``depth`` of (a sample of) the dev queries, re-ranked by the teacher."""
     ds = val.dataset
@@ -220,7 +238,9 @@ def _dev_audit(
     retrieval = copy.copy(val)  # the validation evaluator's index settings, at the audit's depth, nothing saved
     retrieval.dataset, retrieval.depth, retrieval.metrics, retrieval.index_path = sub, depth, measures, None
     _, student_run = retrieval.evaluate(student, device=device, progress=progress)
-    teacher_run = rerank(teacher, sub, student_run, batch_size, progress)
+    teacher_run = rerank_from_store(teacher, store, student_run, sub) if store is not None else None
+    if teacher_run is None:
+        teacher_run = rerank(teacher, sub, student_run, batch_size, progress)
     where = {
         "stage": "dev",
         "split": ds.name,
@@ -329,8 +349,9 @@ def audit(
                     m.to(target)
             student.eval()
             if dev:
+                cached = getattr(signal, "embedding_stores", {}).get("doc")  # the teacher's cached documents
                 where, teacher_run, student_run = _dev_audit(
-                    student, model, val, measures, depth, max_queries, batch_size, seed, target, progress
+                    student, model, val, measures, depth, max_queries, batch_size, seed, target, progress, cached
                 )
             else:
                 where, teacher_run, student_run = _train_audit(
@@ -381,14 +402,15 @@ def print_audit(result: Mapping[str, Any]) -> None:
     from rich.table import Table
 
     measures = list(result["measures"])
-    table = Table(title=f"teacher audit: {result['split']}, {result['queries']} queries, {result['pairs']} pairs")
+    title = f"teacher audit: {result['split']}, {result['queries']} queries, {result['pairs']} pairs"
+    table = Table(title=title)
     table.add_column("ranker")
     for col in [*measures, "score mean", "std", "min", "max", "query std"]:
         table.add_column(col, justify="right")
     for side, label in (("teacher", f"teacher ({result['teacher_name']})"), ("student", "untrained student")):
         row = result[side]
         table.add_row(label, *(f"{row[m]:.4f}" for m in measures), *(f"{row[k]:.4g}" for k in SCALE))
-    console = Console(width=120)
+    console = Console(width=120, markup=False)  # split names such as "scifact/train[held]" are text, not markup
     console.print(table)
     a = result["agreement"]
     console.print(f"candidates: {result['candidates']}", soft_wrap=True, highlight=False)
