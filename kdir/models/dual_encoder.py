@@ -513,9 +513,7 @@ class DualEncoder(Scorer):
         q, d = self.embed(inputs)
         return self.outputs_of(q, d, inputs["candidates"], positive)
 
-    def outputs_of(
-        self, q: Tensor, d: Tensor, candidates: Tensor, positive: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def outputs_of(self, q: Tensor, d: Tensor, candidates: Tensor, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`outputs` from query ``[B, dim]`` and distinct-document ``[D, dim]`` embeddings (e.g. cached)."""
         cand = candidates.to(q.device)
         own = cand.gather(1, positive.clamp(min=0).to(cand.device)[:, None])[:, 0]
