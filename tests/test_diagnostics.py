@@ -219,8 +219,10 @@ def test_wandb_history_holds_the_diagnostics_on_logging_steps(masked_run):
     assert any("train/hist/student/values" in r or "train/hist/student/bins" in r for r in rows)  # histograms
     assert any("val/nDCG@10" in r for r in rows)
     untrained = json.loads((masked_run / "metrics.json").read_text())["untrained"]
-    (step0,) = [r for r in rows if r.get("trainer/global_step") == 0]
+    (step0,) = [r for r in rows if r.get("trainer/global_step") == 0 and "test/nDCG@10" in r]
     assert step0["test/nDCG@10"] == pytest.approx(untrained["nDCG@10"])  # the untrained student, at step 0
+    (audit,) = [r for r in rows if "audit/teacher/nDCG@10" in r]  # the teacher audit, before training
+    assert audit["trainer/global_step"] == 0 and -1 <= audit["audit/agreement/spearman"] <= 1
     tests = [r for r in rows if "test/nDCG@10" in r]
     assert len(tests) == 2 and tests[-1]["trainer/global_step"] == 6
 

@@ -79,6 +79,7 @@ ROWS = (
     ),
 )
 DEV_ROWS = ("l3_dev_128", "l3_dev_256", "l3_dev_512", "l6_dev")
+TRANSFER = ("l3_zero_len", "l6_zero", "infonce_len", "kd_l6_emb", "kd_l6_emb_nce")  # zero-shot on the DL19 subset
 
 
 def welch(a: list[float], b: list[float]) -> str:
@@ -96,6 +97,13 @@ def load(results: Path, row: Row) -> list[dict]:
         path = results / f"{row.key}.json"
         return [json.loads(path.read_text())] if path.exists() else []
     return [json.loads(p.read_text()) for p in sorted(results.glob(f"{row.key}_s*.json"))]
+
+
+def _transfer(results: Path, key: str) -> list[dict]:
+    """The DL19 records of row ``key``: ``dl19_<key>.json`` (zero-shot rows) or ``dl19_<key>_s<seed>.json``."""
+    one = results / f"dl19_{key}.json"
+    paths = [one] if one.exists() else sorted(results.glob(f"dl19_{key}_s*.json"))
+    return [json.loads(p.read_text()) for p in paths]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -163,6 +171,17 @@ def build(results: Path) -> tuple[str, list[tuple[str, float, float]]]:
         )
         lines += ["| row | dev nDCG@10 | wall time |", "|---|---|---|"]
         lines += [f"| {k} | {r['metrics']['nDCG@10']:.4f} | {r['seconds'] / 60:.1f} min |" for k, r in dev_rows]
+    transfer = [(k, _transfer(results, k)) for k in TRANSFER]
+    if any(recs for _, recs in transfer):
+        lines.append(
+            "\nTransfer: the same models zero-shot on the MS MARCO TREC DL19 subset (43 judged queries, 5,000 "
+            "passages; never tuned on):\n"
+        )
+        lines += ["| row | n | nDCG@10 | RR(rel=2)@10 | R(rel=2)@100 |", "|---|---|---|---|---|"]
+        for key, recs in transfer:
+            if recs:
+                cells = [fmt([r["metrics"][m] for r in recs]) for m in ("nDCG@10", "RR(rel=2)@10", "R(rel=2)@100")]
+                lines.append(f"| {key} | {len(recs)} | " + " | ".join(cells) + " |")
     hw = next((r[0]["hardware"] for r in records.values() if r), "")
     lines.append(
         f"\nHardware: {hw}. n = seeds (students) or runs. Student test metrics are the checkpoint with the "
