@@ -201,10 +201,10 @@ def rerank_from_store(teacher: Scorer, store: EmbeddingStore, candidates: Run, d
     queries are encoded. ``None`` when the store lacks a candidate document (then the teacher encodes them)."""
     qids = [q for q in candidates if candidates[q]]
     pids = sorted({p for q in qids for p in candidates[q]})
-    rows = store.rows(id_hashes(pids))
-    if not len(pids) or (rows < 0).any():
+    keys = id_hashes(pids)
+    if not len(pids) or (store.rows(keys) < 0).any():
         return None
-    docs = torch.from_numpy(store.lookup(id_hashes(pids))).float()
+    docs = torch.from_numpy(store.lookup(keys)).float()
     index = {p: i for i, p in enumerate(pids)}
     texts = [dataset.queries.texts[dataset.queries.index[q]] for q in qids]
     queries = teacher.encode(to_device(teacher.formatter("query")(texts), teacher.device), "query").float().cpu()
