@@ -23,12 +23,15 @@ from pytorch_lightning.utilities import rank_zero_only
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import ConfigError, KdirError
 from kdir.training.audit import run_audit
+from kdir.training.compile import compile_encoders
 from kdir.training.module import DistillModule
 from kdir.training.resume import checkpoint_step, keep_logged_rows
 from kdir.utils import instantiate_group, print_metrics, save_json, task_wrapper
 from kdir.utils.rundir import resume_from
 
 log = logging.getLogger("kdir.run")
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
@@ -73,7 +76,14 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         signal,
         cfg.get("gather_across_devices", False),
         cfg.optim.get("schedule", "linear"),
+        cfg.get("finite_check", "step"),
     )
+    if cfg.get("compile"):
+        mode = cfg.get("compile_mode")
+        if mode not in COMPILE_MODES:
+            raise ConfigError(f"compile_mode={mode}: expected one of {', '.join(map(str, COMPILE_MODES))}")
+        compiled = compile_encoders(student, mode, cfg.get("compile_backend") or "inductor")
+        log.info("torch.compile (%s): %s", cfg.get("compile_mode") or "default", ", ".join(compiled))
 
     if val is None and cfg.get("callbacks") and "model_checkpoint" in cfg.callbacks:
         with open_dict(cfg):

@@ -9,6 +9,7 @@ Layouts (the columns ``C`` of every ``[B, C]`` score matrix):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -85,3 +86,19 @@ class TrainBatch:
 
     def __len__(self) -> int:
         return len(self.positive)
+
+    def pin_memory(self) -> TrainBatch:
+        """The batch in page-locked memory (``DataLoader(pin_memory=True)`` calls it in its pinning thread)."""
+        return _pinned(self)
+
+
+def _pinned(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.pin_memory()
+    if isinstance(value, dict):
+        return {k: _pinned(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(
+            value, **{f.name: _pinned(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        )
+    return value

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -49,6 +50,15 @@ class DistillDataModule(pl.LightningDataModule):
             ``generated_per_batch`` extra rows (inbatch layout; they never get hard labels).
         generated_source_docs: the passages the drawn generated queries were made from (their ``source_id``) join
             each batch's documents (queries generated from documents: ``generator=title|sentence|crop|doc2query_t5``).
+        pin_memory: collate batches into page-locked memory, so host-to-GPU copies are asynchronous (Lightning moves
+            batches with ``non_blocking=True``). ``None``: when training on CUDA.
+        persistent_workers: keep the dataloader workers (training and evaluation loaders) alive between epochs and
+            validations instead of starting them again each time (the stream's epoch reaches them through shared
+            memory). Needs ``num_workers > 0``.
+        prefetch_factor: batches each worker prepares ahead (``None``: PyTorch's default, 2).
+        bucket_batches: length bucketing: within each window of this many batches, examples are grouped by the
+            length of their positive document (less padding; exactly once per epoch still).
+            ``0``: off (the papers' random batches). See :mod:`kdir.data.stream`.
     """
 
     def __init__(
@@ -62,8 +72,22 @@ class DistillDataModule(pl.LightningDataModule):
         generated: GeneratedQueries | None = None,
         generated_per_batch: int = 0,
         generated_source_docs: bool = False,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
+        bucket_batches: int = 0,
     ):
         super().__init__()
+        for name, value in (("bucket_batches", bucket_batches), ("num_workers", num_workers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"data.{name}={value!r}: expected an integer >= 0")
+        if prefetch_factor is not None and (not isinstance(prefetch_factor, int) or prefetch_factor < 1):
+            raise ConfigError(f"data.prefetch_factor={prefetch_factor!r}: expected an integer >= 1, or null")
+        if (persistent_workers or prefetch_factor is not None) and num_workers == 0:
+            key = "persistent_workers=true" if persistent_workers else f"prefetch_factor={prefetch_factor}"
+            raise ConfigError(f"data.{key} needs dataloader workers: set data.num_workers >= 1")
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        self.prefetch_factor, self.bucket_batches = prefetch_factor, bucket_batches
         self.generated, self.generated_per_batch = generated, generated_per_batch
         self.generated_source_docs = generated_source_docs
         self.train, self.batch_size, self.num_workers = train, batch_size, num_workers
@@ -162,7 +186,10 @@ class DistillDataModule(pl.LightningDataModule):
         if self.prepare is None:
             raise RuntimeError("DistillDataModule.attach(prepare, layout, signal) must come before training")
         rank, world = self._world()
-        self.stream = ExampleStream(self.examples, self.batch_size, self.seed, self.shuffle, rank, world)
+        lengths = self._lengths() if self.bucket_batches > 1 else None
+        self.stream = ExampleStream(
+            self.examples, self.batch_size, self.seed, self.shuffle, rank, world, self.bucket_batches, lengths
+        )
         self.set_epoch(self.position[0])
         collate = TrainCollator(
             self.train,
@@ -175,14 +202,25 @@ class DistillDataModule(pl.LightningDataModule):
             examples=self.examples,  # the inbatch layout indexes the stored pairs among the examples' candidates
             generated_source_docs=self.generated_source_docs,
         )
-        return DataLoader(
-            self.stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=False,
-            pin_memory=False,
-        )
+        return DataLoader(self.stream, batch_size=None, collate_fn=collate, **self._loader_settings())
+
+    def _loader_settings(self) -> dict[str, Any]:
+        """Workers, pinned memory, persistence and prefetching of every loader of this datamodule."""
+        pin = self.pin_memory
+        if pin is None:
+            pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        out: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": pin}
+        if self.num_workers:
+            out["persistent_workers"] = self.persistent_workers
+            if self.prefetch_factor is not None:
+                out["prefetch_factor"] = self.prefetch_factor
+        return out
+
+    def _lengths(self) -> np.ndarray:
+        """Each example's length for bucketing: the characters of its positive document (a proxy for its tokens)."""
+        texts = self.train.corpus.texts
+        doc_chars = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        return doc_chars[self.examples.positives]
 
     def _encode_loaders(self, stage: str) -> list[DataLoader]:
         """``[queries, corpus]`` loaders of ``{"tokens", "rows"}`` batches (Lightning shards them under DDP)."""
@@ -195,8 +233,8 @@ class DistillDataModule(pl.LightningDataModule):
                 LengthSortedRows(texts),
                 batch_size=batch_size,
                 shuffle=False,
-                num_workers=self.num_workers,
                 collate_fn=EncodeCollator(texts, self.formatters[side]),
+                **self._loader_settings(),
             )
             out.append(loader)
         return out

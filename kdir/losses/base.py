@@ -54,21 +54,33 @@ class Candidates:
     layout: Layout
     generated: Tensor | None = None
     embeddings: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    n_real: int | None = None  # the first n_real rows are real and the rest generated (a host int: no device sync)
 
     def __len__(self) -> int:
         return self.student.shape[0]
 
-    def rows(self, applies_to: AppliesTo) -> Tensor | None:
-        """``[B]`` bool selection of the rows of ``applies_to`` queries (``None``: every row)."""
-        if applies_to == "all" or self.generated is None or (applies_to == "real" and not self.generated.any()):
+    def rows(self, applies_to: AppliesTo) -> Tensor | slice | None:
+        """The rows of ``applies_to`` queries: ``None`` (every row), a ``slice`` when ``n_real`` is known (no host
+        sync), else a ``[B]`` bool selection."""
+        if applies_to == "all" or self.generated is None:
+            return None
+        if self.n_real is not None:
+            if applies_to == "real":
+                return None if self.n_real == len(self) else slice(0, self.n_real)
+            return slice(self.n_real, len(self))
+        if applies_to == "real" and not self.generated.any():
             return None
         return ~self.generated if applies_to == "real" else self.generated.clone()
 
-    def select(self, rows: Tensor) -> Candidates:
+    def select(self, rows: Tensor | slice) -> Candidates:
         """The candidates of the selected rows (the columns stay: in-batch documents are shared)."""
         opt = lambda t: None if t is None else t[rows]  # noqa: E731
+        n_real = None
+        if isinstance(rows, slice) and self.n_real is not None:
+            n_real = max(0, min(rows.stop, self.n_real) - rows.start)
         return replace(
             self,
+            n_real=n_real,
             student=self.student[rows],
             teacher=opt(self.teacher),
             positive=self.positive[rows],
@@ -119,7 +131,7 @@ class Loss(nn.Module):
         """``weight ×`` the term over the rows it applies to (0, still in the graph, if there are none)."""
         rows = c.rows(self.applies_to)
         if rows is not None:
-            if not rows.any():
+            if rows.start >= rows.stop if isinstance(rows, slice) else not rows.any():
                 return c.student.sum() * 0.0
             c = c.select(rows)
         return self.weight * self.compute(c)

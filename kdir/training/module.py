@@ -58,6 +58,10 @@ class DistillModule(pl.LightningModule):
         schedule: ``linear`` (warm-up then linear decay to 0), ``constant`` (warm-up then constant, as
             CollectiveKD's released training) or ``cosine`` (warm-up then half a cosine to 0 at the last step, as
             matchmaker's ``get_cosine_schedule_with_warmup``).
+        finite_check: when the step's loss terms and teacher scores are checked for non-finite values. ``step``:
+            every step, before the optimizer applies it (one host sync per step). ``log``: counted on the device each
+            step and read on logging steps (``trainer.log_every_n_steps``) and at each epoch's end, with no per-step
+            sync; the error then names the steps since the previous check, some of which were already applied.
     """
 
     def __init__(
@@ -72,10 +76,13 @@ class DistillModule(pl.LightningModule):
         signal: TeacherSignal | None = None,
         gather_across_devices: bool = False,
         schedule: str = "linear",
+        finite_check: str = "step",
     ):
         super().__init__()
         if schedule not in ("linear", "constant", "cosine"):
             raise ConfigError(f"schedule must be linear, constant or cosine, got {schedule!r}")
+        if finite_check not in ("step", "log"):
+            raise ConfigError(f"finite_check={finite_check!r}: expected step (every step) or log (on logging steps)")
         if gather_across_devices and loss.layout != "inbatch":
             raise ConfigError("gather_across_devices needs the inbatch layout")
         if getattr(loss, "matches_batch_docs", False) and not hasattr(student, "outputs_of"):
@@ -90,6 +97,11 @@ class DistillModule(pl.LightningModule):
         self.gather_across_devices, self.schedule = gather_across_devices, schedule
         self._encoded: dict[str, list[tuple]] = {"query": [], "doc": []}
         self._rng_to_restore: dict | None = None  # generator states of a checkpoint, restored at the next step
+        self.finite_check = finite_check
+        self._unchecked: Tensor | None = (
+            None  # finite_check=log: [terms + teacher] non-finite counts since the last read
+        )
+        self._checked_at = 0  # finite_check=log: the global step after the last read
 
     # ------------------------------------------------------------------ training
     def candidates(self, batch: TrainBatch) -> Candidates:
@@ -117,8 +129,9 @@ class DistillModule(pl.LightningModule):
             # NaN: a pair missing from the store (signal.force=true), masked; zeroed so that no loss's gradient
             # sees it (0 · NaN is NaN). Other modes keep their NaNs: a teacher that outputs one is an error.
             teacher = teacher.where(mask, 0.0)
+        n_real = len(batch.rows)  # the real queries come first, then the generated ones (a host-side count)
         return Candidates(
-            student, teacher, positive, mask, false_negative, self.loss.layout, batch.generated, embeddings
+            student, teacher, positive, mask, false_negative, self.loss.layout, batch.generated, embeddings, n_real
         )
 
     def _gathered_scores(self, batch: TrainBatch) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
@@ -128,7 +141,7 @@ class DistillModule(pl.LightningModule):
         if self.loss.uses_embeddings or not self.student.embeds:
             raise ConfigError("gather_across_devices needs a single-vector student and no embedding-matching loss")
         inputs, positive = batch.inputs, batch.positive
-        n_pos = int((positive >= 0).sum())
+        n_pos = len(batch.rows)  # the real queries, each with its positive (a host-side count: no sync)
         order = inputs["candidates"][0]  # inbatch: every row lists all documents of the batch, positives first
         q, d = self.student.embed(inputs)
         docs, offset = gather_inbatch(d[order], n_pos)
@@ -158,7 +171,10 @@ class DistillModule(pl.LightningModule):
         loss = sum(terms.values())
         diagnose = is_logging_step(self.trainer)
         masked = (~c.mask).sum() if diagnose and c.teacher is not None else None
-        n_masked = self._check_finite(c, terms, batch_idx, masked)
+        if self.finite_check == "step":
+            n_masked = self._check_finite(c, terms, batch_idx, masked)
+        else:
+            n_masked = self._count_nonfinite(c, terms, batch_idx, masked, read=diagnose)
         bs = len(c)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in terms.items():
@@ -170,6 +186,58 @@ class DistillModule(pl.LightningModule):
             out["masked_fraction"] = n_masked / c.mask.numel()
         return out
 
+    def _nonfinite_counts(self, c: Candidates, terms: dict[str, Tensor]) -> list[Tensor]:
+        """0-d counts of non-finite values: one per loss term, then the teacher's scores (when there are any)."""
+        checks = [(~torch.isfinite(v.detach())).sum() for v in terms.values()]
+        if self.signal is not None:
+            checks.append(self.signal.nonfinite(c.teacher))
+        return checks
+
+    def _count_nonfinite(
+        self, c: Candidates, terms: dict[str, Tensor], batch_idx: int, count: Tensor | None, read: bool
+    ) -> int | None:
+        """``finite_check=log``: add this step's non-finite counts up on the device; on a reading step, read them
+        (with ``count``, in one host sync) and raise as :meth:`_check_finite` does, naming the steps since the last
+        read."""
+        counts = torch.stack(self._nonfinite_counts(c, terms))
+        same = self._unchecked is not None and self._unchecked.shape == counts.shape
+        self._unchecked = self._unchecked + counts if same else counts
+        if not read:
+            return None
+        return self._read_nonfinite(c, terms, batch_idx, count)
+
+    def _read_nonfinite(
+        self,
+        c: Candidates | None,
+        terms: dict[str, Tensor],
+        batch_idx: int,
+        count: Tensor | None = None,
+        last: int | None = None,
+    ) -> int | None:
+        """Read the counts gathered since the last read (``finite_check=log``), up to global step ``last`` (this
+        step's by default); raise if any is not zero."""
+        if self._unchecked is None:
+            return None if count is None else int(count)
+        values = torch.cat([self._unchecked, count.reshape(1)]) if count is not None else self._unchecked
+        bad = values.tolist()
+        value = bad.pop() if count is not None else None
+        last = self.global_step if last is None else last
+        first, self._checked_at, self._unchecked = self._checked_at, last + 1, None
+        if any(bad):
+            if first == last and c is not None:  # only this step: the error names it, with an example
+                self._raise_nonfinite(c, terms, batch_idx, bad)
+            self._raise_nonfinite(None, {}, batch_idx, bad, f"global steps {first}-{last}")
+        return value
+
+    def on_train_epoch_end(self) -> None:
+        if self.finite_check == "log" and self._unchecked is not None:
+            self._read_nonfinite(None, {}, -1, last=self.global_step - 1)
+
+    def on_validation_start(self) -> None:
+        # finite_check=log: the steps since the last read are checked before they are validated (and checkpointed)
+        if self.finite_check == "log" and self._unchecked is not None and self.trainer.state.fn == "fit":
+            self._read_nonfinite(None, {}, -1, last=self.global_step - 1)
+
     def _check_finite(
         self, c: Candidates, terms: dict[str, Tensor], batch_idx: int, count: Tensor | None = None
     ) -> int | None:
@@ -179,19 +247,31 @@ class DistillModule(pl.LightningModule):
         run before anything (test results, metrics, the exported student) is written. ``count``, a 0-d integer
         tensor, is read in the same sync: its value is returned (``None`` without one).
         """
-        checks = [(~torch.isfinite(v.detach())).sum() for v in terms.values()]
-        if self.signal is not None and c.teacher is not None:
-            checks.append(self.signal.nonfinite(c.teacher))
+        checks = self._nonfinite_counts(c, terms)
         if count is not None:
             checks.append(count)
         bad = torch.stack(checks).tolist()
         value = bad.pop() if count is not None else None
-        if not any(bad):
-            return value
-        where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
-        if len(bad) > len(terms) and bad[-1]:
-            raise self.signal.nonfinite_error(c.teacher, where)
-        values = ", ".join(f"{name}={v.detach().float().mean().item():g}" for name, v in terms.items())
+        if any(bad):
+            self._raise_nonfinite(c, terms, batch_idx, bad)
+        return value
+
+    def _raise_nonfinite(
+        self, c: Candidates | None, terms: dict[str, Tensor], batch_idx: int, bad: list[int], steps: str | None = None
+    ) -> None:
+        """The error for the non-finite counts ``bad``: the loss terms in order, then the teacher's scores when the
+        batch had any. ``steps`` (``finite_check=log``) names the steps since the last read; ``c`` / ``terms`` are
+        the current step's (``None`` / empty at an epoch's end)."""
+        where = steps or f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        n_terms = len(bad) - (self.signal is not None)  # a run with a teacher signal has teacher scores every step
+        if n_terms < len(bad) and bad[-1]:
+            if c is not None and c.teacher is not None:
+                raise self.signal.nonfinite_error(c.teacher, where)
+            raise self.signal.nonfinite_error(None, where, count=bad[-1])
+        if terms:
+            values = ", ".join(f"{name}={v.detach().float().mean().item():g}" for name, v in terms.items())
+        else:
+            values = f"{sum(bad[:n_terms])} non-finite loss values"
         lr = self.trainer.optimizers[0].defaults.get("lr") if self.trainer.optimizers else None
         hint = f" (e.g. optim.optimizer.lr={lr / 10:g})" if isinstance(lr, (int, float)) else ""
         raise NonFiniteError(

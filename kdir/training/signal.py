@@ -525,14 +525,20 @@ class TeacherSignal:
         NaN is a pair missing from the store, masked out of the loss). No host sync: the caller checks the count."""
         return (scores.isinf() if self.mode == "cached" else ~scores.isfinite()).sum()
 
-    def nonfinite_error(self, scores: Tensor, where: str) -> NonFiniteError:
-        """The error for teacher ``scores`` with unusable entries, naming ``where`` (the step) and the teacher."""
-        bad = torch.nonzero(scores.isinf() if self.mode == "cached" else ~scores.isfinite())
-        row, col = bad[0].tolist()
+    def nonfinite_error(self, scores: Tensor | None, where: str, count: int | None = None) -> NonFiniteError:
+        """The error for teacher ``scores`` with unusable entries, naming ``where`` (the step) and the teacher;
+        ``scores=None``: only their ``count`` is known (counted on the device over several steps)."""
         if self.mode == "cached":
             teacher = f"score store {self.store_path} (it holds non-finite scores: import or score it again)"
         else:
             teacher = f"the {self.mode} teacher {type(self.model).__name__}"
+        if scores is None:
+            return NonFiniteError(
+                f"{where}: {count} teacher scores were not finite, from {teacher}; training stopped, no results "
+                "written (finite_check=step names the first step and an example)"
+            )
+        bad = torch.nonzero(scores.isinf() if self.mode == "cached" else ~scores.isfinite())
+        row, col = bad[0].tolist()
         return NonFiniteError(
             f"{where}: {len(bad)} of {scores.numel()} teacher scores are not finite (e.g. {scores[row, col].item()} "
             f"at query row {row}, candidate {col}), from {teacher}; training stopped, no results written"
