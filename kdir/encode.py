@@ -7,6 +7,7 @@ chunk and each finished chunk is written to disk, so memory holds one chunk what
 arguments resumes at its last finished chunk. ``kdir.evaluate`` / ``kdir.mine`` with ``corpus_store=<the same
 dir>`` then build their FAISS index from the store without encoding again; a frozen teacher's store caches its
 embeddings. Any single- or multi-vector encoder: ``student=checkpoint student.path=<folder>`` for a saved model.
+``precision`` (``auto``: bf16-mixed on CUDA, 32-true elsewhere) is Fabric's.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from omegaconf import DictConfig
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import ConfigError
+from kdir.retrieval.encode import accelerator_device, resolve_precision
 from kdir.retrieval.stream_encode import encode_into_store
 from kdir.stores import EmbeddingStore
 from kdir.utils import Setting, launch_fabric, task_wrapper
+from kdir.utils.settings import count
 
 log = logging.getLogger("kdir.encode")
 
@@ -30,6 +33,7 @@ log = logging.getLogger("kdir.encode")
 def encode(cfg: DictConfig) -> EmbeddingStore:
     if cfg.side not in ("doc", "query"):
         raise ConfigError(f"side={cfg.side!r}: expected doc (the corpus) or query (the split's queries)")
+    cfg.precision = resolve_precision(cfg.precision, accelerator_device(cfg.accelerator))  # auto: for the device
     fabric = launch_fabric(cfg)
     dataset = instantiate(cfg.dataset) if cfg.get("dataset") else instantiate(cfg.data.train)
     texts = dataset.corpus if cfg.side == "doc" else dataset.queries
@@ -64,7 +68,7 @@ def encode(cfg: DictConfig) -> EmbeddingStore:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="encode")
-@task_wrapper(settings={"devices": Setting(int, 1, also=(-1, "auto"))})
+@task_wrapper(settings={"devices": Setting(int, 1, also=(-1, "auto")), "num_workers": count()})
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: :func:`encode`."""
     encode(cfg)

@@ -6,6 +6,8 @@ index and reuses it for the same student and corpus) and write each training que
 Labelled positives are kept in the run (TCT-ColBERT's HN mining does not filter them);
 ``RunNegatives(exclude_positives=...)`` decides at training time. Also scores the run on the training qrels
 (``R@depth``: how many labelled positives the student already ranks within the pool) and saves ``metrics.json``.
+``precision`` (``auto``: bf16 autocast on CUDA, fp32 elsewhere) and ``num_workers`` (tokenising DataLoader workers)
+set how the encoding runs.
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.data.dataset import IRDataset
 from kdir.errors import KdirError
+from kdir.retrieval.encode import autocast, resolve_precision
 from kdir.retrieval.evaluators import RetrievalEvaluator
 from kdir.retrieval.metrics import positive_share, write_trec_run
 from kdir.utils import print_metrics, resolve_device, save_json, task_wrapper
+from kdir.utils.settings import count
 
 log = logging.getLogger("kdir.mine")
 
@@ -33,6 +36,8 @@ def mine(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
     if cfg.depth < 1:
         raise KdirError(f"depth={cfg.depth}: expected a positive number of candidates per query")
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     dataset: IRDataset = instantiate(cfg.data.train)
     metrics = list(dict.fromkeys([f"R@{cfg.depth}", *cfg.metrics]))
     evaluator = RetrievalEvaluator(
@@ -48,23 +53,24 @@ def mine(cfg: DictConfig) -> dict[str, float]:
         corpus_store=cfg.corpus_store,
         index_shards=cfg.index_shards,
         train_sample=cfg.train_sample,
+        num_workers=cfg.num_workers,
     )
-    device = resolve_device(cfg.device)
     encoder = instantiate(cfg.student).to(device)
     if cfg.depth > len(dataset.corpus):
         log.warning(
             "depth=%d exceeds the corpus (%d documents): every document is kept", cfg.depth, len(dataset.corpus)
         )
     log.info(
-        "mining top-%d for %s: %d training queries, %d documents, device %s",
+        "mining top-%d for %s: %d training queries, %d documents, device %s, precision %s",
         cfg.depth,
         dataset.name,
         len(dataset.queries),
         len(dataset.corpus),
         device,
+        precision,
     )
     start = time.perf_counter()
-    with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+    with autocast(precision, device):
         scores, run = evaluator.evaluate(encoder, device=device)
     seconds = time.perf_counter() - start
     run_path = write_trec_run(run, cfg.out, tag=cfg.run_name)
@@ -91,7 +97,7 @@ def mine(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="mine")
-@task_wrapper(metric=lambda cfg: f"R@{cfg.depth}")
+@task_wrapper(metric=lambda cfg: f"R@{cfg.depth}", settings={"num_workers": count()})
 def main(cfg: DictConfig) -> dict[str, float]:
     """Hydra entry point: :func:`mine`; returns ``optimized_metric`` (default ``R@<depth>``) to sweepers."""
     return mine(cfg)

@@ -11,7 +11,9 @@ reports a job that did not finish. A store of another teacher, or of the same we
 refused. Processes are launched by Lightning Fabric (``devices=N``). ``embeddings=<dir>`` (separable teachers: dual
 encoders, ColBERT) encodes the corpus once into an embedding store, sharded over the ranks and reused by later jobs
 (and by ``kdir.evaluate`` / ``kdir.mine`` / ``kdir.expand``), and scores pairs from it: each document is encoded once
-instead of once per pair, each query once per chunk (scores from fp16 document embeddings).
+instead of once per pair, each query once per chunk (scores from fp16 document embeddings). Without it, each chunk's
+pairs are scored in batches sorted by text length (less padding), tokenised by ``num_workers`` DataLoader workers.
+``precision`` (``auto``: bf16-mixed on CUDA, 32-true elsewhere) is Fabric's; the job record names the one used.
 """
 
 from __future__ import annotations
@@ -28,16 +30,19 @@ from omegaconf import DictConfig
 
 import kdir  # noqa: F401  (registers config resolvers)
 from kdir.errors import ConfigError, KdirError
+from kdir.retrieval.encode import accelerator_device, resolve_precision
 from kdir.retrieval.stream_encode import encode_into_store
 from kdir.stores import EmbeddingStore, ScoreStore, sibling_store, teacher_differences
 from kdir.stores.scoring import candidate_pairs, missing_pairs, score_into_store
 from kdir.training.signal import teacher_meta
 from kdir.utils import Setting, launch_fabric, task_wrapper
+from kdir.utils.settings import count
 
 log = logging.getLogger("kdir.score")
 
 
 def score(cfg: DictConfig) -> Path:
+    cfg.precision = resolve_precision(cfg.precision, accelerator_device(cfg.accelerator))  # auto: for the device
     fabric = launch_fabric(cfg)
     model = instantiate(cfg.teacher).freeze().to(fabric.device)
     dataset = instantiate(cfg.data.train)
@@ -51,6 +56,7 @@ def score(cfg: DictConfig) -> Path:
         "source": cfg.run_file or "training examples",
         "depth": cfg.depth if cfg.run_file else None,
     }
+    job = {"data": data, "precision": cfg.precision}
     path = Path(cfg.store)
     if fabric.is_global_zero and not (path / "meta.json").is_file():
         ScoreStore.create(path, {"teacher": teacher, "data": data})
@@ -59,7 +65,7 @@ def score(cfg: DictConfig) -> Path:
     _check_teacher(store, teacher)
     started = dt.datetime.now().isoformat(timespec="seconds")
     if fabric.is_global_zero:  # `python -m kdir.store verify` reports a job that never set `finished`
-        store.update_meta(scoring={"data": data, "started": started, "finished": None})
+        store.update_meta(scoring=job | {"started": started, "finished": None})
     fabric.barrier()
     log.info(
         "rank %d/%d: %d pairs in chunks of %d -> %s",
@@ -70,7 +76,9 @@ def score(cfg: DictConfig) -> Path:
         path,
     )
     doc_embeddings = _doc_embeddings(cfg, fabric, model, dataset)
-    done = score_into_store(fabric, model, dataset, pairs, store, cfg.chunk_size, cfg.batch_size, doc_embeddings)
+    done = score_into_store(
+        fabric, model, dataset, pairs, store, cfg.chunk_size, cfg.batch_size, doc_embeddings, cfg.num_workers
+    )
     log.info("rank %d scored %d new pairs", fabric.global_rank, done)
     fabric.barrier()
     if len(missing := missing_pairs(dataset, pairs, store)):  # every rank: all of them stop alike
@@ -94,8 +102,9 @@ def score(cfg: DictConfig) -> Path:
                 else "",
             )
         finished = dt.datetime.now().isoformat(timespec="seconds")
-        job = {"data": data, "started": started, "finished": finished}
-        store.update_meta(count=len(store), data=data, finished=finished, scoring=job)
+        store.update_meta(
+            count=len(store), data=data, finished=finished, scoring=job | {"started": started, "finished": finished}
+        )
         log.info("score store %s: %d pairs, all %d requested pairs present", path, len(store), len(pairs))
     fabric.barrier()
     return path
@@ -114,7 +123,7 @@ def _doc_embeddings(cfg: DictConfig, fabric: Fabric, model, dataset) -> Embeddin
     with fabric.autocast():
         return encode_into_store(
             model, dataset.corpus.texts, dataset.corpus.ids, cfg.embeddings, "doc", batch_size=cfg.batch_size,
-            dataset=dataset.name, fabric=fabric,
+            dataset=dataset.name, num_workers=cfg.num_workers, fabric=fabric,
         )  # fmt: skip
 
 
@@ -133,7 +142,7 @@ def _check_teacher(store: ScoreStore, teacher: dict) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="score")
-@task_wrapper(settings={"devices": Setting(int, 1, also=(-1, "auto"))})
+@task_wrapper(settings={"devices": Setting(int, 1, also=(-1, "auto")), "num_workers": count()})
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: :func:`score`."""
     score(cfg)

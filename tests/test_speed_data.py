@@ -239,3 +239,32 @@ def test_a_training_step_makes_no_host_sync_with_finite_check_log(tiny_student):
         sum(terms.values()).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_dataloader_workers_get_no_model_weights(tmp_path, quickstart):
+    """What a worker is sent (the stream and the collator, pickled under a spawn start method) holds tokenizers,
+    texts and store handles, never a module of the student or of the online teacher."""
+    import io
+    import pickle
+
+    from conftest import compose_cfg
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(tmp_path, ["teacher=bi_encoder", f"teacher.path={quickstart['model']}", "loss=kl"])
+    student, loss = instantiate(cfg.student), instantiate(cfg.loss)
+    signal = instantiate(cfg.signal, model=instantiate(cfg.teacher))
+    dm = instantiate(cfg.data)
+    signal.bind(dm.train)
+    dm.attach(student.preparer(), loss.layout, signal, {s: student.formatter(s) for s in ("query", "doc")})
+    loader = dm.train_dataloader()
+    modules: list[str] = []
+
+    class Flagging(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, torch.nn.Module):
+                modules.append(type(obj).__name__)
+            return None
+
+    Flagging(io.BytesIO()).dump((loader.dataset, loader.collate_fn))
+    assert modules == []
+    assert next(iter(loader)).teacher_inputs  # and the worker's copy still prepares the teacher's inputs

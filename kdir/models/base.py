@@ -155,7 +155,10 @@ class Scorer(nn.Module, ABC):
         if not backbones or not all(m.supports_gradient_checkpointing for m in backbones):
             raise KdirError(f"{type(self).__name__}: its backbone does not support gradient checkpointing")
         for m in backbones:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(m, "activation_checkpointing_enable"):  # transformers 5.x's name
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return self
 
     def weights_hash(self) -> str:

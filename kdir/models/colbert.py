@@ -75,6 +75,10 @@ def maxsim(
 ) -> Tensor:
     """Late-interaction scores ``[Nq, Nd]``: ``Σ_i w_i max_j sim(q_i, d_j)``.
 
+    The similarities ``[Nq, chunk, Lq, Ld]`` (the bulk of the work and memory) are computed in the dtype of the
+    embeddings (bf16 under autocast: tensor cores, half the traffic; ``q`` and ``d`` of different dtypes meet in
+    their promoted one); each query token's maximum is upcast before the weighted sum, so the scores are fp32.
+
     Args:
         q / d: token embeddings ``[Nq, Lq, dim]`` / ``[Nd, Ld, dim]``.
         q_mask: ``[Nq, Lq]`` bool (weight 1 where ``True``) or float weights ``w_i``.
@@ -92,26 +96,32 @@ def maxsim(
     n_q, l_q, _ = q.shape
     n_d, l_d, _ = d.shape
     chunk_size = chunk_size or max(1, 2**25 // max(1, n_q * l_q * l_d))
-    q_weights = q_mask.to(q.dtype)
+    dtype = torch.promote_types(q.dtype, d.dtype)
+    q, d = q.to(dtype), d.to(dtype)
+    q_weights = q_mask.to(torch.float32)
+    # l2: -‖q_i - d_j‖² = 2 q_i·d_j - ‖q_i‖² - ‖d_j‖² is a difference of terms near 2 (unit vectors) whose result is
+    # near 0: in bf16 (spacing 2^-6 at 2) each term would add as much rounding again as the dot product's own, so the
+    # norms and the difference stay fp32 (as under autocast before); the dot products are in the input dtype
+    q_sq = q.float().pow(2).sum(-1) if similarity == "l2" else None  # [Nq, Lq]
     floor = None  # [Nq, 1, Lq]: the similarity of each query token to a masked position
     if masked_doc_tokens == "zero":
-        floor = -q.pow(2).sum(-1)[:, None, :] if similarity == "l2" else q.new_zeros(n_q, 1, l_q)
+        floor = -q_sq[:, None, :] if similarity == "l2" else q.new_zeros(n_q, 1, l_q, dtype=torch.float32)
     elif masked_doc_tokens != "exclude":
-        floor = q.new_full((n_q, 1, l_q), masked_doc_tokens)
+        floor = q.new_full((n_q, 1, l_q), masked_doc_tokens, dtype=torch.float32)
     out = []
     for s in range(0, n_d, chunk_size):
         dc, mc = d[s : s + chunk_size], d_mask[s : s + chunk_size].bool()
-        sim = torch.einsum("qid,njd->qnij", q, dc)  # [Nq, n, Lq, Ld]
+        sim = torch.einsum("qid,njd->qnij", q, dc)  # [Nq, n, Lq, Ld], in the input dtype
         if similarity == "l2":
-            sim = 2 * sim - q.pow(2).sum(-1)[:, None, :, None] - dc.pow(2).sum(-1)[None, :, None, :]
-        best = sim.masked_fill(~mc[None, :, None, :], float("-inf")).max(-1).values  # [Nq, n, Lq]
+            sim = 2 * sim.float() - q_sq[:, None, :, None] - dc.float().pow(2).sum(-1)[None, :, None, :]
+        best = sim.masked_fill(~mc[None, :, None, :], float("-inf")).max(-1).values.float()  # [Nq, n, Lq]
         if floor is None:
             best = best.masked_fill(~mc.any(-1)[None, :, None], 0.0)  # a document without tokens scores 0
         else:
             has_masked = (~mc).any(-1)[None, :, None]  # [1, n, 1]
             best = torch.where(has_masked, torch.maximum(best, floor), best)
         out.append((best * q_weights[:, None, :]).sum(-1))
-    return torch.cat(out, dim=1) if out else q.new_zeros(n_q, 0)
+    return torch.cat(out, dim=1) if out else q.new_zeros(n_q, 0, dtype=torch.float32)
 
 
 def _published_state(path: str | Path) -> dict[str, Tensor] | None:
@@ -223,6 +233,8 @@ class ColBERT(Scorer):
         dropout_when_frozen: keep dropout active when frozen as a teacher (TCT-ColBERT scores its teacher with
             ``is_training=True``, ``train/model_fn.py:80-93``). Evaluation and :meth:`score` still run in eval mode;
             ``kdir.score`` would store noisy scores: turn it off there. Not saved with the folder.
+        attn_implementation: the backbone's attention kernel, ``sdpa`` or ``eager`` (``None``: transformers'
+            default; :mod:`kdir.models.hf`). Speed only: not saved, not part of the provenance.
     """
 
     name = "colbert"
@@ -248,6 +260,7 @@ class ColBERT(Scorer):
         add_sep: bool = True,
         skip_prefix_tokens: int = 0,
         dropout_when_frozen: bool = False,
+        attn_implementation: Literal["sdpa", "eager"] | None = None,
     ):
         super().__init__()
         if similarity not in ("cosine", "l2"):
@@ -267,7 +280,7 @@ class ColBERT(Scorer):
 
         state = None if (path / LINEAR_NAME).is_file() else _published_state(model_name_or_path)
         if state is not None:  # published layout: one file with bert.* and linear.weight
-            self.bert = backbone_from_config(model_name_or_path)
+            self.bert = backbone_from_config(model_name_or_path, attn_implementation)
             bert = {k[5:]: v for k, v in state.items() if k.startswith("bert.")}
             missing, unexpected = self.bert.load_state_dict(bert, strict=False)
             unexpected = [k for k in unexpected if not k.startswith("pooler.") and not k.endswith("position_ids")]
@@ -279,7 +292,7 @@ class ColBERT(Scorer):
             dim = state["linear.weight"].shape[0]
             bias = "linear.bias" in state
         else:
-            self.bert = load_backbone(model_name_or_path)
+            self.bert = load_backbone(model_name_or_path, attn_implementation)
         saved = load_file(path / LINEAR_NAME) if state is None and (path / LINEAR_NAME).is_file() else None
         if saved is not None:  # a kdir folder: its linear map decides the size and the bias
             dim, bias = saved["weight"].shape[0], "bias" in saved
@@ -373,10 +386,10 @@ class ColBERT(Scorer):
     def score_reps(self, queries: tuple[Tensor, ...], docs: tuple[Tensor, ...], candidates: Tensor) -> Tensor:
         """MaxSim of ``(q, q_mask)`` against ``(d [D, Ld, dim], d_mask)``, gathered at ``candidates``."""
         (q, q_mask), (d, d_mask) = queries, docs
-        scores = maxsim(
-            q.float(),
+        scores = maxsim(  # in the embeddings' dtype, fp32 scores out
+            q,
             q_mask,
-            d.float(),
+            d,
             d_mask,
             self.config["similarity"],
             masked_doc_tokens=self.config["masked_doc_tokens"],

@@ -50,9 +50,9 @@ def collective_maxsim(
         masked_doc_tokens: ``exclude``, ``zero`` or a number (:func:`~kdir.models.colbert.maxsim`); with ``zero`` an
             expansion vector's floor is ``−‖e_k‖²`` (``l2``), as the official ``D * mask``.
     """
-    tokens = torch.cat([q.float(), expansion.to(q.device, torch.float32)], dim=1)
+    tokens = torch.cat([q, expansion.to(q.device, q.dtype)], dim=1)  # in the embeddings' dtype, as maxsim computes
     weights = torch.cat([q_mask.float(), expansion_weights.to(q.device, torch.float32)], dim=1)
-    return maxsim(tokens, weights, d.float(), d_mask, similarity, masked_doc_tokens=masked_doc_tokens)
+    return maxsim(tokens, weights, d, d_mask, similarity, masked_doc_tokens=masked_doc_tokens)
 
 
 class CollectivePreparer:

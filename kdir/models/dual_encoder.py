@@ -286,6 +286,8 @@ class DualEncoder(Scorer):
             ``[CLS]`` + text only, as TCT-ColBERT and pyserini's TCT encoders.
         doc_pooling / doc_skip_tokens / doc_add_sep: the document side's own values (separate towers only).
         doc_projection_dim: a frozen document tower's own projection size (the teacher's document projection).
+        attn_implementation: the backbones' attention kernel, ``sdpa`` or ``eager`` (``None``: transformers'
+            default; :mod:`kdir.models.hf`). Speed only: not saved, not part of the provenance.
     """
 
     name = "dual_encoder"
@@ -320,6 +322,7 @@ class DualEncoder(Scorer):
         doc_skip_tokens: int | None = None,
         doc_add_sep: bool | None = None,
         doc_projection_dim: int | None = None,
+        attn_implementation: Literal["sdpa", "eager"] | None = None,
     ):
         super().__init__()
         if freeze_doc_encoder and shared:
@@ -375,8 +378,10 @@ class DualEncoder(Scorer):
             doc_add_sep=own(d.add_sep, q.add_sep),
             doc_projection_dim=doc["doc_projection_dim"] if freeze_doc_encoder else None,
         )
-        self.query_encoder = load_backbone(model_name_or_path)
-        self.doc_encoder = self.query_encoder if shared else load_backbone(doc_path or model_name_or_path)
+        self.query_encoder = load_backbone(model_name_or_path, attn_implementation)
+        self.doc_encoder = (
+            self.query_encoder if shared else load_backbone(doc_path or model_name_or_path, attn_implementation)
+        )
         self.tokenizer = fast_tokenizer(tokenizer_name_or_path or model_name_or_path)
         doc_tokenizer = self.tokenizer
         if freeze_doc_encoder and doc_path is not None:  # the inherited tower keeps its own vocabulary

@@ -82,6 +82,8 @@ class RetrievalEvaluator:
             faiss sees GPUs; top-k merged by faiss). Needs ``corpus_store``.
         train_sample: vectors drawn from the store to train an index that needs it (IVF, PQ; default 131,072).
         query_batch_size: queries encoded and searched at a time.
+        num_workers: DataLoader worker processes tokenising the next batches while the model encodes (0: in this
+            process); standalone :meth:`evaluate` only (Lightning's evaluation loaders have their own workers).
     """
 
     uses_faiss = True  # MaxSim subclasses search without FAISS: no index to check, save or reuse
@@ -101,6 +103,7 @@ class RetrievalEvaluator:
         index_shards: int = 1,
         train_sample: int | None = None,
         query_batch_size: int = 65536,
+        num_workers: int = 0,
     ):
         parse_measures(metrics)  # fail early on a bad name
         for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
@@ -114,6 +117,7 @@ class RetrievalEvaluator:
         for name, value in (("index_shards", index_shards), ("query_batch_size", query_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r}: expected an integer >= 1")
+        self.num_workers = _check_workers(num_workers)
         if index_shards > 1 and self.corpus_store is None:
             raise ConfigError(f"index_shards={index_shards} needs corpus_store=<dir>: shards are built from the store")
         self.index_shards, self.train_sample, self.query_batch_size = index_shards, train_sample, query_batch_size
@@ -202,7 +206,13 @@ class RetrievalEvaluator:
         The index is checked first (before anything is encoded); a matching index saved at ``index_path`` is
         loaded and the corpus is not encoded.
         """
-        kw = dict(batch_size=self.batch_size, device=device, progress=progress, out_device=self._out_device(model))
+        kw = dict(
+            batch_size=self.batch_size,
+            device=device,
+            progress=progress,
+            out_device=self._out_device(model),
+            num_workers=self.num_workers,
+        )
         knobs = self.check_model(model, device)
         saved = self._saved_index(model) if self.uses_faiss and self.index_path is not None else None
         if saved is not None:
@@ -239,7 +249,7 @@ class RetrievalEvaluator:
         corpus = self.dataset.corpus
         return encode_into_store(
             model, corpus.texts, corpus.ids, self.corpus_store, "doc", batch_size=self.batch_size,
-            progress=progress, dataset=self.dataset.name, device=device,
+            progress=progress, dataset=self.dataset.name, device=device, num_workers=self.num_workers,
         )  # fmt: skip
 
     def _search_in_batches(self, index, model: Scorer, knobs: dict, kw: dict) -> Run:
@@ -253,6 +263,12 @@ class RetrievalEvaluator:
 
     def _out_device(self, model: Scorer) -> str | torch.device:
         return "cpu"  # FAISS reads host memory
+
+
+def _check_workers(num_workers: int) -> int:
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"num_workers={num_workers!r}: expected an integer >= 0")
+    return num_workers
 
 
 def _model_dim(model: Scorer, device: str | torch.device | None = None) -> int:
@@ -288,6 +304,7 @@ class RerankEvaluator:
         metrics: ir-measures strings.
         batch_size: queries per scoring call.
         encode_batch_size: documents per encoding call (separable models).
+        num_workers: DataLoader worker processes tokenising the candidate documents of separable models.
     """
 
     def __init__(
@@ -298,10 +315,12 @@ class RerankEvaluator:
         metrics: Sequence[str] = DEFAULT_METRICS,
         batch_size: int = 8,
         encode_batch_size: int = 128,
+        num_workers: int = 0,
     ):
         parse_measures(metrics)
         self.dataset, self.run_file, self.depth, self.metrics = dataset, run_file, depth, list(metrics)
         self.batch_size, self.encode_batch_size = batch_size, encode_batch_size
+        self.num_workers = _check_workers(num_workers)
 
     @torch.no_grad()
     def evaluate(self, model, device: str | torch.device | None = None, progress: bool = True) -> tuple[dict, Run]:
@@ -352,7 +371,13 @@ class RerankEvaluator:
         texts = [self.dataset.corpus.texts[c] for c in codes]
         # fp32 token embeddings: re-ranked scores are the model's own (the candidates of one evaluation, not a corpus)
         reps = encode_texts(
-            model, texts, "doc", batch_size=self.encode_batch_size, progress=progress, token_dtype=torch.float32
+            model,
+            texts,
+            "doc",
+            batch_size=self.encode_batch_size,
+            progress=progress,
+            token_dtype=torch.float32,
+            num_workers=self.num_workers,
         )
         return codes, reps
 
@@ -393,8 +418,11 @@ class MaxSimEvaluator(RetrievalEvaluator):
         batch_size: int = 64,
         doc_chunk: int = 1024,
         corpus_store: str | Path | None = None,
+        num_workers: int = 0,
     ):
-        super().__init__(dataset, metrics, depth, batch_size=batch_size, corpus_store=corpus_store)
+        super().__init__(
+            dataset, metrics, depth, batch_size=batch_size, corpus_store=corpus_store, num_workers=num_workers
+        )
         self.doc_chunk = doc_chunk
 
     def retrieve(self, queries: tuple[torch.Tensor, ...], docs: tuple[torch.Tensor, ...], model: Scorer) -> Run:
@@ -427,7 +455,13 @@ class MaxSimEvaluator(RetrievalEvaluator):
         if not model.multi_vector:
             raise KdirError(f"MaxSim evaluation needs a multi-vector model (ColBERT), got {type(model).__name__}")
         store = self._encode_to_store(model, device, progress)
-        kw = dict(batch_size=self.batch_size, device=device, progress=progress, out_device=model.device)
+        kw = dict(
+            batch_size=self.batch_size,
+            device=device,
+            progress=progress,
+            out_device=model.device,
+            num_workers=self.num_workers,
+        )
         queries = encode_texts(model, self.dataset.queries.texts, "query", **kw)
         settings = self._maxsim_settings(model)
         scores, rows = maxsim_search_store(

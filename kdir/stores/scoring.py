@@ -8,6 +8,10 @@ its finished chunks complete and scores the others in the same batches (the same
 a run over another pair set (a deeper ``depth``, another run file) scores just the pairs that are new; any number
 of processes gives the same store. :func:`missing_pairs` is the completeness check that ends a job.
 
+Within a chunk, the pairs are batched by the length of their texts (query + document, longest first: less padding)
+and their scores put back in the chunk's order; with ``num_workers > 0`` the next batches are tokenised in DataLoader
+worker processes (:class:`PairBatches`, carrying the model's preparer, not its weights) while the model scores.
+
 With a document-side :class:`~kdir.stores.EmbeddingStore` of a separable teacher (bi-encoder, ColBERT: ``python -m
 kdir.score ... embeddings=<dir>``), documents are not encoded again: each batch reads its documents' stored
 embeddings (fp16) and encodes each distinct query of the chunk once (:meth:`~kdir.models.base.Scorer.query_reps`,
@@ -17,11 +21,14 @@ embeddings (fp16) and encodes each distinct query of the chunk once (:meth:`~kdi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import xxhash
 from lightning_fabric import Fabric
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from kdir.data.dataset import IRDataset
@@ -73,11 +80,13 @@ def score_into_store(
     chunk_size: int,
     batch_size: int,
     doc_embeddings: EmbeddingStore | None = None,
+    num_workers: int = 0,
 ) -> int:
     """Score the pairs of this rank's chunks that the store lacks; returns the number of pairs scored by this rank.
 
     ``doc_embeddings``: the teacher's document embeddings (a finished store of this model's ``doc`` side holding the
-    corpus): documents are read from it instead of encoded."""
+    corpus): documents are read from it instead of encoded. Otherwise each chunk's pairs are scored in
+    length-sorted batches of ``batch_size``, tokenised by ``num_workers`` DataLoader workers (0: in this process)."""
     keys = requested_keys(dataset, pairs)
     d_hash = id_hashes(dataset.corpus.ids) if doc_embeddings is not None else None
     n_chunks = math.ceil(len(pairs) / chunk_size)
@@ -87,29 +96,85 @@ def score_into_store(
         new = lo + np.flatnonzero(~store.contains(keys[lo:hi]))
         if len(new):
             todo.append(new)
-    done = 0
-    for rows in tqdm(todo, desc=f"score rank {fabric.global_rank}", disable=not fabric.is_global_zero, unit="chunk"):
-        chunk = pairs[rows]
-        if doc_embeddings is not None:
-            values = [_score_from_embeddings(fabric, model, dataset, chunk, doc_embeddings, d_hash, batch_size)]
-        else:
-            values = [
-                _score_pairs(fabric, model, dataset, chunk[b : b + batch_size])
-                for b in range(0, len(chunk), batch_size)
-            ]
-        store.append(keys[rows], np.concatenate(values), name=f"chunk-{xxhash.xxh64_hexdigest(keys[rows].tobytes())}")
-        done += len(chunk)
-    return done
+    bar = tqdm(
+        total=len(todo), desc=f"score rank {fabric.global_rank}", disable=not fabric.is_global_zero, unit="chunk"
+    )
+
+    def write(rows: np.ndarray, values: np.ndarray) -> None:
+        store.append(keys[rows], values, name=f"chunk-{xxhash.xxh64_hexdigest(keys[rows].tobytes())}")
+        bar.update()
+
+    if doc_embeddings is not None:
+        for rows in todo:
+            write(
+                rows, _score_from_embeddings(fabric, model, dataset, pairs[rows], doc_embeddings, d_hash, batch_size)
+            )
+    else:
+        batches = PairBatches(dataset, pairs, todo, model, batch_size)
+        for chunk, values in _score_chunks(fabric, model, batches, num_workers):
+            write(todo[chunk], values)
+    bar.close()
+    return sum(len(rows) for rows in todo)
+
+
+class PairBatches(Dataset):
+    """The prepared batches of some chunks of pairs, each chunk's pairs longest first (picklable: DataLoader
+    workers). Item ``i`` is ``(chunk number, positions of its pairs within the chunk int64 [b], model inputs)``.
+
+    Args:
+        dataset: the queries and corpus the pairs' codes index.
+        pairs: all ``[N, 2]`` (query code, doc code) pairs.
+        chunks: the rows of ``pairs`` in each chunk to score.
+        model: the scorer whose :meth:`~kdir.models.base.Scorer.preparer` tokenises (only the preparer is kept).
+        batch_size: pairs per batch.
+    """
+
+    def __init__(self, dataset: IRDataset, pairs: np.ndarray, chunks: list[np.ndarray], model, batch_size: int):
+        self.queries, self.corpus = dataset.queries.texts, dataset.corpus.texts
+        self.chunks = [pairs[rows] for rows in chunks]
+        self.preparer, self.batch_size = model.preparer(), batch_size
+        self.query_keys = id_hashes(dataset.queries.ids) if model.uses_query_keys else None
+        counts = [-(-len(c) // batch_size) for c in self.chunks]
+        self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # first item of each chunk
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.first[-1])
+
+    def order(self, chunk: int) -> np.ndarray:
+        """Positions of the chunk's pairs by the length of their query + document texts, longest first (stable)."""
+        if self._order is None or self._order[0] != chunk:
+            c = self.chunks[chunk]
+            lengths = [len(self.queries[q]) + len(self.corpus[d]) for q, d in c.tolist()]
+            self._order = chunk, np.argsort([-n for n in lengths], kind="stable")
+        return self._order[1]
+
+    def __getitem__(self, item: int) -> tuple[int, np.ndarray, dict[str, Any]]:
+        if not 0 <= item < len(self):
+            raise IndexError(item)
+        chunk = int(np.searchsorted(self.first, item, side="right") - 1)
+        b = item - int(self.first[chunk])
+        pos = self.order(chunk)[b * self.batch_size : (b + 1) * self.batch_size]
+        batch = self.chunks[chunk][pos]
+        docs, inverse = np.unique(batch[:, 1], return_inverse=True)  # each distinct document once
+        kw = {} if self.query_keys is None else {"query_keys": self.query_keys[batch[:, 0]]}
+        queries = [self.queries[i] for i in batch[:, 0]]
+        return chunk, pos, self.preparer(queries, [self.corpus[i] for i in docs], inverse[:, None], **kw)
 
 
 @torch.no_grad()
-def _score_pairs(fabric: Fabric, model, dataset: IRDataset, batch: np.ndarray) -> np.ndarray:
-    """Scores of a batch of (query code, doc code) pairs, each distinct document tokenised once."""
-    docs, inverse = np.unique(batch[:, 1], return_inverse=True)
-    queries = [dataset.queries.texts[i] for i in batch[:, 0]]
-    inputs = model.prepare(queries, [dataset.corpus.texts[i] for i in docs], inverse[:, None])
-    with fabric.autocast():
-        return model(inputs).float()[:, 0].cpu().numpy()
+def _score_chunks(fabric: Fabric, model, batches: PairBatches, num_workers: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(chunk number, its scores in its order)`` of each chunk of ``batches``, once all its batches are scored."""
+    loader = DataLoader(batches, batch_size=None, num_workers=num_workers) if num_workers else batches
+    values, filled, current = np.empty(0, dtype=np.float32), 0, -1
+    for chunk, pos, inputs in loader:
+        if chunk != current:
+            values, filled, current = np.empty(len(batches.chunks[chunk]), dtype=np.float32), 0, chunk
+        with fabric.autocast():
+            values[np.asarray(pos)] = model(inputs).float()[:, 0].cpu().numpy()
+        filled += len(pos)
+        if filled == len(values):
+            yield chunk, values
 
 
 @torch.no_grad()
