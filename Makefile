@@ -44,7 +44,11 @@ bench-scifact: ## the SciFact KD study (experiments/scifact_kd): all rows, or RO
 bench-speed: ## kdir vs sentence-transformers: Margin-MSE training throughput and SciFact evaluation
 	$(MAKE) -f experiments/scifact_kd/Makefile speed PYTHON=$(PYTHON)
 
+bench-gpu: ## kdir vs sentence-transformers on one GPU (H100/H200, bf16): speed, MFU, memory, data wait, teacher, eval
+	$(PYTHON) benchmarks/gpu.py --device cuda --model minilm,base --steps 200 --pairs 5 --compile --pin-memory \
+	  --persistent-workers --attn-implementation sdpa --finite-check log --out benchmarks/results/gpu.json $(ARGS)
+
 clean: ## remove run outputs and caches
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 
-.PHONY: help install install-bench bench-scifact bench-speed test test-slow lint format train eval clean
+.PHONY: help install install-bench bench-scifact bench-speed bench-gpu test test-slow lint format train eval clean

@@ -8,7 +8,8 @@ learning rate, warm-up, steps, precision and data-loader workers. kdir trains th
 run in this process by ``kdir.utils.run_command`` (fixed triples + cached scores imported once into a score
 store); sentence-transformers through its ``SentenceTransformerTrainer`` with ``MarginMSELoss``. Both loops
 are timed by callbacks from the first to the last training batch (model loading, data import and the
-trainers' setup excluded); the steady rate skips the first ``--warmup`` batches.
+trainers' setup excluded) and count the queries each step actually trained; the steady rate skips the first
+``--warmup`` batches. ``benchmarks/gpu.py`` is the GPU benchmark (several negatives, MFU, memory, data wait).
 
 Evaluation: the zero-shot L3 (cosine, 128 tokens) on SciFact test (300 queries, 5,183 documents): kdir's
 ``RetrievalEvaluator`` (encode → FAISS → TREC run → ir-measures) vs ``SentenceTransformer.encode`` → FAISS
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -107,14 +109,27 @@ def kdir_train(triples: Path, args, work: Path) -> dict:
     return json.loads((out / "throughput.json").read_text())
 
 
+def gpu_bench():
+    """``benchmarks/gpu.py`` as a module (loaded once, under the name it gives itself)."""
+    import importlib.util
+
+    name = "kdir_benchmarks_gpu"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("gpu.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def st_train(triples: Path, args, work: Path) -> dict:
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-    from sentence_transformers.losses import MarginMSELoss
-    from sentence_transformers.training_args import SentenceTransformerTrainingArguments
-    from transformers import TrainerCallback
+    from sentence_transformers import SentenceTransformerTrainingArguments as Arguments
 
     from kdir.data.dataset import IRDataset
+
+    bench = gpu_bench()  # its clock of sentence-transformers' steps and count of the queries each trained
 
     ds = IRDataset.from_beir(SHARED / "data/scifact", "train")
     qtext = dict(zip(ds.queries.ids, ds.queries.texts))
@@ -129,23 +144,13 @@ def st_train(triples: Path, args, work: Path) -> dict:
     model = SentenceTransformer(str(L3), device=args.device)
     model.max_seq_length = 128  # one limit for queries and documents; SciFact queries are far below 64 tokens
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.stamps: list[float] = []
-
-        def on_train_begin(self, *a, **k):
-            self.stamps = [time.perf_counter()]
-
-        def on_step_end(self, *a, **k):
-            self.stamps.append(time.perf_counter())
-
-    clock = Clock()
-    targs = SentenceTransformerTrainingArguments(
+    clock, loss = bench.st_clock(args.device.startswith("cuda")), bench.counting_margin_mse(model)
+    targs = Arguments(
         output_dir=str(work / "st_run"),
         per_device_train_batch_size=args.batch_size,
         max_steps=args.steps,
         learning_rate=args.lr,
-        warmup_ratio=args.warmup_frac,
+        **bench.st_warmup(args.warmup_frac),
         weight_decay=0.01,
         max_grad_norm=1.0,
         bf16=args.precision.startswith("bf16"),
@@ -157,20 +162,21 @@ def st_train(triples: Path, args, work: Path) -> dict:
         use_cpu=args.device == "cpu",
     )
     trainer = SentenceTransformerTrainer(
-        model=model, args=targs, train_dataset=Dataset.from_dict(cols), loss=MarginMSELoss(model), callbacks=[clock]
+        model=model, args=targs, train_dataset=Dataset.from_dict(cols), loss=loss, callbacks=[clock]
     )
     trainer.train()
-    s = clock.stamps
+    s, counts = [clock.begin, *clock.ends], loss.queries  # counts: the queries of each step (its labels' rows)
     steps = len(s) - 1
     out = {
         "steps": steps,
         "queries_per_step": args.batch_size,
+        "queries": sum(counts),
         "seconds": s[-1] - s[0],
-        "queries_per_s": steps * args.batch_size / (s[-1] - s[0]),
+        "queries_per_s": sum(counts) / (s[-1] - s[0]),
     }
     if steps > args.warmup:
         steady = s[-1] - s[args.warmup]
-        out |= {"steady_seconds": steady, "steady_queries_per_s": (steps - args.warmup) * args.batch_size / steady}
+        out |= {"steady_seconds": steady, "steady_queries_per_s": sum(counts[args.warmup :]) / steady}
     return out
 
 

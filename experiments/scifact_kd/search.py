@@ -19,7 +19,8 @@ from record import hardware, test_metrics, val_curve
 
 def trials(sweep: Path) -> list[dict]:
     out = []
-    for run_dir in sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name.split("_")[0])):
+    runs = [p for p in sweep.iterdir() if (p / ".hydra").is_dir()]
+    for run_dir in sorted(runs, key=lambda p: int(p.name.split("_")[0])):
         cfg = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
         searched = set(cfg["sweeper"]["params"])
         overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())

@@ -19,6 +19,7 @@ from kdir.retrieval.encode import Side, encode_batch, encode_texts
 from kdir.retrieval.metrics import Run, evaluate_run, parse_measures, run_from_topk, write_trec_run
 from kdir.retrieval.search import (
     build_index,
+    check_backend,
     check_factory,
     check_index,
     load_index,
@@ -65,7 +66,7 @@ class RetrievalEvaluator:
         metrics: ir-measures strings, e.g. ``nDCG@10``, ``RR(rel=2)@10``, ``R@1000``.
         depth: documents retrieved per query (the run file's depth).
         index_factory: FAISS ``index_factory`` string (``Flat`` = exact inner product).
-        use_gpu: FAISS on GPU (``None``: when available).
+        use_gpu: search on a GPU (``None``: when there is one, see ``search_backend``; ``False``: on the CPU).
         batch_size: encoding batch size.
         nprobe: IVF lists a query visits (``None``: enough for ``depth`` hits per query; see
             :mod:`kdir.retrieval.search`).
@@ -82,6 +83,8 @@ class RetrievalEvaluator:
             faiss sees GPUs; top-k merged by faiss). Needs ``corpus_store``.
         train_sample: vectors drawn from the store to train an index that needs it (IVF, PQ; default 131,072).
         query_batch_size: queries encoded and searched at a time.
+        search_backend: ``auto`` (FAISS on faiss-gpu's GPUs; else, for ``Flat``, torch's exact search on CUDA; else
+            FAISS on the CPU), ``faiss``, or ``torch`` (``Flat`` only): :func:`kdir.retrieval.search.resolve_backend`.
         num_workers: DataLoader worker processes tokenising the next batches while the model encodes (0: in this
             process); standalone :meth:`evaluate` only (Lightning's evaluation loaders have their own workers).
     """
@@ -104,6 +107,7 @@ class RetrievalEvaluator:
         train_sample: int | None = None,
         query_batch_size: int = 65536,
         num_workers: int = 0,
+        search_backend: str = "auto",
     ):
         parse_measures(metrics)  # fail early on a bad name
         for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
@@ -123,8 +127,10 @@ class RetrievalEvaluator:
         self.index_shards, self.train_sample, self.query_batch_size = index_shards, train_sample, query_batch_size
         self._knobs: dict[int, dict] = {}
         self._corpus_fingerprint: dict | None = None
+        self.search_backend = search_backend
         if self.uses_faiss:
             check_factory(index_factory)
+            check_backend(search_backend, index_factory)
 
     def check_index(self, dim: int) -> dict:
         """Check the index settings for ``dim``-d embeddings and this corpus (once per dimension); returns the
@@ -152,7 +158,7 @@ class RetrievalEvaluator:
         with ``index_path`` the index is saved there."""
         d = docs[0].detach().float().cpu().numpy()
         knobs = self.check_index(d.shape[1])
-        index = build_index(d, self.index_factory, self.use_gpu)
+        index = build_index(d, self.index_factory, self.use_gpu, self.search_backend)
         if self.index_path is not None:
             self._save(index, model)
         return self._search(index, queries, knobs)
@@ -216,7 +222,7 @@ class RetrievalEvaluator:
         knobs = self.check_model(model, device)
         saved = self._saved_index(model) if self.uses_faiss and self.index_path is not None else None
         if saved is not None:
-            index = to_gpu(saved, self.index_factory, self.use_gpu)
+            index = to_gpu(saved, self.index_factory, self.use_gpu, self.search_backend)
         elif self.corpus_store is not None:
             index = self._index_from_store(model, device, progress)
         else:
@@ -234,7 +240,13 @@ class RetrievalEvaluator:
         store = self._encode_to_store(model, device, progress)
         start = time.perf_counter()
         index, _ = build_index_from_store(
-            store, self.index_factory, "ip", self.train_sample, self.use_gpu, shards=self.index_shards
+            store,
+            self.index_factory,
+            "ip",
+            self.train_sample,
+            self.use_gpu,
+            shards=self.index_shards,
+            backend=self.search_backend,
         )
         log.info("index %s over %d documents built from %s in %.1f s", self.index_factory, index.ntotal,
                  self.corpus_store, time.perf_counter() - start)  # fmt: skip

@@ -23,7 +23,15 @@ import numpy as np
 import torch
 
 from kdir.errors import ConfigError
-from kdir.retrieval.search import check_index, maxsim_search, new_index, to_gpu
+from kdir.retrieval.search import (
+    SearchBackend,
+    check_index,
+    faiss_gpus,
+    gpu_clone,
+    maxsim_search,
+    new_index,
+    to_gpu,
+)
 from kdir.stores.embedding_store import EmbeddingStore
 
 __all__ = ["DEFAULT_TRAIN_SAMPLE", "build_index_from_store", "maxsim_search_store"]
@@ -47,16 +55,20 @@ def _new_index(dim: int, factory: str, metric: Metric, n_vectors: int) -> Any:
         raise ConfigError(f"index_factory={factory!r}: faiss cannot build it for {dim}-d L2 search ({msg})") from None
 
 
-def _place(index: Any, shard: int, gpu: bool | None) -> Any:
-    """Shard ``shard`` on GPU ``shard mod n_gpus`` when faiss sees GPUs (and ``gpu`` allows), else left on the CPU."""
-    import faiss
+def _place(index: Any, shard: int, factory: str, gpu: bool | None) -> Any:
+    """Shard ``shard`` on GPU ``shard mod n_gpus`` when faiss sees GPUs (and ``gpu`` allows), else left on the CPU.
 
-    n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    The shards of one GPU share its ``StandardGpuResources``; an HNSW shard (no GPU form in faiss) stays on the
+    CPU (:func:`kdir.retrieval.search.gpu_clone`). Without faiss-gpu the shards stay on the CPU: ``IndexShards``
+    joins faiss indexes, so the torch exact search of an unsharded ``Flat`` index does not apply.
+    """
+    n_gpus = faiss_gpus()
     if gpu and not n_gpus:
-        raise ConfigError("use_gpu=true but faiss sees no GPU (install faiss-gpu on GPU nodes)")
+        raise ConfigError("use_gpu=true but faiss sees no GPU (install faiss-gpu on GPU nodes; index_shards=1 with "
+                          "index_factory=Flat searches on the GPU with torch)")  # fmt: skip
     if gpu is False or not n_gpus:
         return index
-    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), shard % n_gpus, index)
+    return gpu_clone(index, factory, gpu, device=shard % n_gpus)
 
 
 def build_index_from_store(
@@ -68,6 +80,7 @@ def build_index_from_store(
     chunk_size: int | None = None,
     seed: int = 0,
     shards: int = 1,
+    backend: SearchBackend = "auto",
 ) -> tuple[Any, np.ndarray]:
     """Index every vector of ``store`` (fp16 on disk, fp32 in FAISS); returns ``(index, keys uint64 [ntotal])``.
 
@@ -77,10 +90,14 @@ def build_index_from_store(
         metric: ``ip`` (inner product: kdir's dot and cosine students) or ``l2``.
         train_sample: vectors drawn to train an index that needs it (default :data:`DEFAULT_TRAIN_SAMPLE`, at most
             all of them).
-        gpu: ``None``: on every GPU faiss sees (CPU without one); ``True``: on GPUs (an error without); ``False``: CPU.
+        gpu: ``None``: on every GPU faiss sees; without faiss-gpu an unsharded inner-product ``Flat`` index goes to
+            torch's exact search on CUDA when there is one (:func:`kdir.retrieval.search.to_gpu`); else the CPU.
+            ``True``: on a GPU (an error without); ``False``: CPU.
         chunk_size: ids read per step (default: the store's chunk size).
         seed: of the training sample.
         shards: FAISS indexes the vectors are split into (``faiss.IndexShards``; on GPUs, one per device in turn).
+        backend: ``auto``, ``faiss`` or ``torch`` (:func:`kdir.retrieval.search.resolve_backend`; ``torch``: an
+            unsharded inner-product ``Flat`` index only).
     """
     import faiss
 
@@ -89,13 +106,15 @@ def build_index_from_store(
         raise ConfigError(f"{store.path}: the store holds no vectors to index")
     if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= n:
         raise ConfigError(f"index_shards={shards!r}: expected an integer between 1 and the {n} stored vectors")
+    if backend == "torch" and shards > 1:
+        raise ConfigError(f"search_backend=torch searches one exact index: index_shards={shards} needs faiss")
     empty = _new_index(store.dim, factory, metric, n)
     if not empty.is_trained:
         empty.train(store.sample(min(n, int(train_sample or DEFAULT_TRAIN_SAMPLE)), seed=seed))
     if shards == 1:
-        parts = [to_gpu(empty, factory, gpu)]
+        parts = [to_gpu(empty, factory, gpu, backend)]
     else:
-        parts = [_place(faiss.clone_index(empty), i, gpu) for i in range(shards)]
+        parts = [_place(faiss.clone_index(empty), i, factory, gpu) for i in range(shards)]
     bounds = [i * n // shards for i in range(shards + 1)]  # shard i holds vectors bounds[i]:bounds[i + 1]
     row_keys = np.empty(n, dtype=np.uint64)
     filled = 0
@@ -138,6 +157,8 @@ def maxsim_search_store(
         raise ConfigError(f"{store.path}: MaxSim search needs a multi-vector (ColBERT) store")
     keys = store.keys()
     k = min(k, len(keys))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    queries = (queries[0].to(device, torch.float32), queries[1].to(device))  # once, not once per chunk
     best_scores = best_rows = None
     for c in range(0, len(keys), doc_chunk):
         emb, mask = store.lookup(keys[c : c + doc_chunk], pad_to=pad_to)

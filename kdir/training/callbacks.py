@@ -60,33 +60,52 @@ class StepCheckpoint(ModelCheckpoint):
 class Throughput(pl.Callback):
     """Training throughput: wall time of the training loop, queries/s overall and after ``warmup_steps``.
 
-    Counts training batches × per-device batch size × devices (training queries; each brings its candidates).
+    Counts the queries each step actually trained: the batch's real queries (``len(batch.rows)``, a shape read on
+    the host, no device sync) × devices (every rank trains an equal share of the stream), so batches the stream
+    cuts smaller than ``data.batch_size`` count as they are. Rows with the generated queries added to each batch
+    (``len(batch)``) are counted too, apart. A batch without ``rows`` counts ``data.batch_size`` × devices.
     Validation time inside the loop is excluded. Logs ``train/queries_per_s`` on each logging step (over the steps
     since the previous one), and at the end the figures of the whole loop, also written to
-    ``<output_dir>/throughput.json`` when ``output_dir`` is given.
+    ``<output_dir>/throughput.json`` when ``output_dir`` is given: ``steps``, ``seconds``, ``queries`` (real
+    queries trained), ``queries_per_s``, ``rows`` / ``rows_per_s`` (real + generated), ``queries_per_step`` (the
+    configured ``data.batch_size`` × devices), ``queries_per_step_mean`` (the real mean), and after the warm-up
+    ``steady_seconds``, ``steady_queries``, ``steady_queries_per_s``, ``steady_rows_per_s``.
     """
 
     def __init__(self, warmup_steps: int = 5, output_dir: str | Path | None = None):
         self.warmup_steps, self.output_dir = warmup_steps, output_dir
         self.stamps: list[float] = []
+        self.counts: list[tuple[int, int] | None] = []  # (real queries, rows) per step; None: not a TrainBatch
         self.paused = 0.0
         self._logged_at = 0  # the stamp of the previous logging step
         self._pause_start: float | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.stamps, self.paused, self._logged_at = [time.perf_counter()], 0.0, 0
+        self.stamps, self.counts, self.paused, self._logged_at = [time.perf_counter()], [], 0.0, 0
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
         self.stamps.append(time.perf_counter() - self.paused)
+        rows = getattr(batch, "rows", None)
+        world = getattr(trainer, "world_size", 1)
+        self.counts.append(None if rows is None else (len(rows) * world, len(batch) * world))
         if is_logging_step(trainer) and trainer.loggers:  # queries/s since the previous logging step
             seconds = self.stamps[-1] - self.stamps[self._logged_at]
-            steps = len(self.stamps) - 1 - self._logged_at
             if seconds > 0:
-                per_step = getattr(trainer.datamodule, "batch_size", 0) * trainer.world_size
-                pl_module.log("train/queries_per_s", steps * per_step / seconds, on_step=True, on_epoch=False)
+                queries = self._queries(self._logged_at, len(self.counts), _nominal(trainer))[0]
+                pl_module.log("train/queries_per_s", queries / seconds, on_step=True, on_epoch=False)
             self._logged_at = len(self.stamps) - 1
+
+    def _queries(self, start: int, stop: int, nominal: int) -> tuple[int, int]:
+        """(real queries, rows) of steps ``start`` to ``stop`` (0-based); ``nominal`` per step where unknown, and
+        for steps stamped without counts."""
+        real = rows = 0
+        for i in range(start, stop):
+            c = self.counts[i] if i < len(self.counts) else None
+            q, r = c if c is not None else (nominal, nominal)
+            real, rows = real + q, rows + r
+        return real, rows
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pause_start = time.perf_counter()
@@ -97,32 +116,40 @@ class Throughput(pl.Callback):
             self._pause_start = None
 
     def summary(self, queries_per_step: int) -> dict[str, float]:
+        """The loop's figures; ``queries_per_step``: the configured per-step batch, used for steps without counts."""
         steps = len(self.stamps) - 1
         total = self.stamps[-1] - self.stamps[0] if steps else 0.0
+        queries, rows = self._queries(0, steps, queries_per_step)
         out = {
             "steps": steps,
             "queries_per_step": queries_per_step,
+            "queries_per_step_mean": queries / steps if steps else 0.0,
+            "queries": queries,
+            "rows": rows,
             "seconds": total,
-            "queries_per_s": steps * queries_per_step / total if total else 0.0,
+            "queries_per_s": queries / total if total else 0.0,
+            "rows_per_s": rows / total if total else 0.0,
         }
         if steps > self.warmup_steps:
             steady = self.stamps[-1] - self.stamps[self.warmup_steps]
+            q, r = self._queries(self.warmup_steps, steps, queries_per_step)
             out |= {
                 "steady_seconds": steady,
-                "steady_queries_per_s": (steps - self.warmup_steps) * queries_per_step / steady,
+                "steady_queries": q,
+                "steady_queries_per_s": q / steady,
+                "steady_rows_per_s": r / steady,
             }
         return out
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or len(self.stamps) < 2:
             return
-        dm = getattr(trainer, "datamodule", None)
-        per_step = getattr(dm, "batch_size", 0) * trainer.world_size
-        s = self.summary(per_step)
+        s = self.summary(_nominal(trainer))
         steady = s.get("steady_queries_per_s", float("nan"))
         log.info(
-            "training throughput: %d batches in %.1f s, %.1f queries/s (%.1f after %d warm-up batches)",
+            "training throughput: %d batches (%d queries) in %.1f s, %.1f queries/s (%.1f after %d warm-up batches)",
             s["steps"],
+            s["queries"],
             s["seconds"],
             s["queries_per_s"],
             steady,
@@ -130,6 +157,11 @@ class Throughput(pl.Callback):
         )
         if self.output_dir is not None:
             save_json(s, Path(self.output_dir) / "throughput.json")
+
+
+def _nominal(trainer: pl.Trainer) -> int:
+    """The configured queries per step: ``data.batch_size`` × devices."""
+    return getattr(getattr(trainer, "datamodule", None), "batch_size", 0) * getattr(trainer, "world_size", 1)
 
 
 class KDDiagnostics(pl.Callback):
