@@ -184,3 +184,35 @@ class EncodeCollator:
 
     def __call__(self, rows: list[int]) -> dict:
         return {"tokens": self.formatter([self.texts[i] for i in rows]), "rows": torch.as_tensor(rows)}
+
+
+class SortedChunkBatches(Dataset):
+    """Batches of ``batch_size`` items of each chunk in turn, each chunk's items longest first (stable), for loaders
+    that write a chunk at a time (picklable: DataLoader workers). Subclasses give each chunk's ``lengths`` and build
+    item ``i``'s batch from :meth:`locate`."""
+
+    def __init__(self, sizes: Sequence[int], batch_size: int):
+        self.batch_size = batch_size
+        counts = [-(-n // batch_size) for n in sizes]
+        self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # first item of each chunk
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.first[-1])
+
+    def lengths(self, chunk: int) -> list[int]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def order(self, chunk: int) -> np.ndarray:
+        """Positions of the chunk's items, longest first (stable)."""
+        if self._order is None or self._order[0] != chunk:
+            self._order = chunk, np.argsort([-n for n in self.lengths(chunk)], kind="stable")
+        return self._order[1]
+
+    def locate(self, item: int) -> tuple[int, np.ndarray]:
+        """``(chunk, positions of the batch's items within the chunk)`` of item ``item``."""
+        if not 0 <= item < len(self):
+            raise IndexError(item)
+        chunk = int(np.searchsorted(self.first, item, side="right") - 1)
+        b = item - int(self.first[chunk])
+        return chunk, self.order(chunk)[b * self.batch_size : (b + 1) * self.batch_size]

@@ -99,8 +99,8 @@ class PairPreparer:
         self.tokenizer, self.use_token_types, self.settings = tokenizer, use_token_types, settings
         self.layout = pair_layout(tokenizer)
 
-    def _truncate_queries(self, queries: Sequence[str]) -> list[str]:
-        """Cut each query text after its ``query_max_length``-th token."""
+    def _cut(self, queries: Sequence[str]) -> tuple[list[list[int]], list[str]]:
+        """Each query's token ids up to its ``query_max_length``-th token, and its text cut after that token."""
         enc = self.tokenizer(
             list(queries),
             add_special_tokens=False,
@@ -108,23 +108,19 @@ class PairPreparer:
             max_length=self.settings["query_max_length"],
             return_offsets_mapping=True,
         )
-        return [q[: offsets[-1][1]] if offsets else q for q, offsets in zip(queries, enc["offset_mapping"])]
+        texts = [q[: offsets[-1][1]] if offsets else q for q, offsets in zip(queries, enc["offset_mapping"])]
+        return enc["input_ids"], texts
+
+    def _truncate_queries(self, queries: Sequence[str]) -> list[str]:
+        """Cut each query text after its ``query_max_length``-th token."""
+        return self._cut(queries)[1]
 
     def _query_ids(self, queries: Sequence[str]) -> list[list[int]]:
         """The token ids of each query as its pair encoding has them: those of the text cut after its
         ``query_max_length``-th token (a cut text is tokenised again, which some tokenizers split otherwise)."""
-        enc = self.tokenizer(
-            list(queries),
-            add_special_tokens=False,
-            truncation=True,
-            max_length=self.settings["query_max_length"],
-            return_offsets_mapping=True,
-        )
-        ids = enc["input_ids"]
-        cut = {i: q[: offsets[-1][1]] for i, (q, offsets) in enumerate(zip(queries, enc["offset_mapping"])) if offsets}
-        again = [
-            i for i, text in cut.items() if text != queries[i] or len(ids[i]) == self.settings["query_max_length"]
-        ]
+        ids, cut = self._cut(queries)
+        limit = self.settings["query_max_length"]
+        again = [i for i, (q, text) in enumerate(zip(queries, cut)) if text != q or len(ids[i]) == limit]
         if again:
             for i, row in zip(again, self.tokenizer([cut[i] for i in again], add_special_tokens=False)["input_ids"]):
                 ids[i] = row

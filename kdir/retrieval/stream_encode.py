@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from kdir.data.collate import SortedChunkBatches
 from kdir.errors import ConfigError, EmptySplitError, UnknownIdError
 from kdir.models.base import Scorer, to_device
 from kdir.retrieval.encode import Side, encode_batch
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 __all__ = ["encode_into_store"]
 
 
-class ChunkBatches(Dataset):
+class ChunkBatches(SortedChunkBatches):
     """The length-sorted, tokenised batches of some chunks of texts, in order (picklable: DataLoader workers).
 
     Item ``i`` is ``(chunk number, positions of its texts within the chunk int64 [b], tokens)``.
@@ -54,25 +55,16 @@ class ChunkBatches(Dataset):
     """
 
     def __init__(self, texts: Sequence[str], chunks: list[tuple[int, int]], formatter: Any, batch_size: int):
-        self.texts, self.chunks, self.formatter, self.batch_size = texts, chunks, formatter, batch_size
-        counts = [-(-(hi - lo) // batch_size) for lo, hi in chunks]
-        self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # first item of each chunk
-        self._order: tuple[int, np.ndarray] | None = None
+        super().__init__([hi - lo for lo, hi in chunks], batch_size)
+        self.texts, self.chunks, self.formatter = texts, chunks, formatter
 
-    def __len__(self) -> int:
-        return int(self.first[-1])
-
-    def order(self, chunk: int) -> np.ndarray:
-        """Positions of the chunk's texts, longest first (stable, as :func:`~kdir.retrieval.encode.encode_texts`)."""
-        if self._order is None or self._order[0] != chunk:
-            lo, hi = self.chunks[chunk]
-            self._order = chunk, np.argsort([-len(self.texts[i]) for i in range(lo, hi)], kind="stable")
-        return self._order[1]
+    def lengths(self, chunk: int) -> list[int]:
+        """The characters of the chunk's texts (longest first, as :func:`~kdir.retrieval.encode.encode_texts`)."""
+        lo, hi = self.chunks[chunk]
+        return [len(self.texts[i]) for i in range(lo, hi)]
 
     def __getitem__(self, item: int) -> tuple[int, np.ndarray, dict[str, torch.Tensor]]:
-        chunk = int(np.searchsorted(self.first, item, side="right") - 1)
-        b = item - int(self.first[chunk])
-        pos = self.order(chunk)[b * self.batch_size : (b + 1) * self.batch_size]
+        chunk, pos = self.locate(item)
         lo = self.chunks[chunk][0]
         return chunk, pos, self.formatter([self.texts[lo + int(p)] for p in pos])
 

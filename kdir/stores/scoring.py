@@ -28,9 +28,10 @@ import numpy as np
 import torch
 import xxhash
 from lightning_fabric import Fabric
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from kdir.data.collate import SortedChunkBatches
 from kdir.data.dataset import IRDataset
 from kdir.data.examples import QrelsExamples, RunNegatives, TripleExamples, positive_keys
 from kdir.data.formats import read_trec_run, top_ranked
@@ -117,7 +118,7 @@ def score_into_store(
     return sum(len(rows) for rows in todo)
 
 
-class PairBatches(Dataset):
+class PairBatches(SortedChunkBatches):
     """The prepared batches of some chunks of pairs, each chunk's pairs longest first (picklable: DataLoader
     workers). Item ``i`` is ``(chunk number, positions of its pairs within the chunk int64 [b], model inputs)``.
 
@@ -132,29 +133,16 @@ class PairBatches(Dataset):
     def __init__(self, dataset: IRDataset, pairs: np.ndarray, chunks: list[np.ndarray], model, batch_size: int):
         self.queries, self.corpus = dataset.queries.texts, dataset.corpus.texts
         self.chunks = [pairs[rows] for rows in chunks]
-        self.preparer, self.batch_size = model.preparer(), batch_size
+        super().__init__([len(c) for c in self.chunks], batch_size)
+        self.preparer = model.preparer()
         self.query_keys = id_hashes(dataset.queries.ids) if model.uses_query_keys else None
-        counts = [-(-len(c) // batch_size) for c in self.chunks]
-        self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # first item of each chunk
-        self._order: tuple[int, np.ndarray] | None = None
 
-    def __len__(self) -> int:
-        return int(self.first[-1])
-
-    def order(self, chunk: int) -> np.ndarray:
-        """Positions of the chunk's pairs by the length of their query + document texts, longest first (stable)."""
-        if self._order is None or self._order[0] != chunk:
-            c = self.chunks[chunk]
-            lengths = [len(self.queries[q]) + len(self.corpus[d]) for q, d in c.tolist()]
-            self._order = chunk, np.argsort([-n for n in lengths], kind="stable")
-        return self._order[1]
+    def lengths(self, chunk: int) -> list[int]:
+        """The characters of each pair's query + document texts."""
+        return [len(self.queries[q]) + len(self.corpus[d]) for q, d in self.chunks[chunk].tolist()]
 
     def __getitem__(self, item: int) -> tuple[int, np.ndarray, dict[str, Any]]:
-        if not 0 <= item < len(self):
-            raise IndexError(item)
-        chunk = int(np.searchsorted(self.first, item, side="right") - 1)
-        b = item - int(self.first[chunk])
-        pos = self.order(chunk)[b * self.batch_size : (b + 1) * self.batch_size]
+        chunk, pos = self.locate(item)
         batch = self.chunks[chunk][pos]
         docs, inverse = np.unique(batch[:, 1], return_inverse=True)  # each distinct document once
         kw = {} if self.query_keys is None else {"query_keys": self.query_keys[batch[:, 0]]}
