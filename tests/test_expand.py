@@ -480,3 +480,23 @@ def test_collective_teacher_evaluated_on_expanded_test_queries(colbert_dir, quic
         [ds.queries.texts[0]], [ds.corpus.texts[ds.corpus.index[p]] for p in pids], np.arange(5)[None]
     )
     assert not np.allclose(without.numpy(), direct.numpy())  # the expansion took part
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_collective_teacher_takes_the_attention_kernel_and_scores_alike(colbert_dir, tmp_path, kernel):
+    from transformers import PreTrainedModel
+
+    vectors = np.random.default_rng(2).normal(size=(1, 2, 16)).astype(np.float32)
+    ExpansionStore.write(tmp_path / "s", id_hashes(["qa"]), vectors, np.ones((1, 2), np.float32), [["x", "y"]], {})
+    default = CollectiveColBERT.from_pretrained(colbert_dir, expansion=tmp_path / "s").freeze()
+    teacher = CollectiveColBERT.from_pretrained(colbert_dir, expansion=tmp_path / "s", attn_implementation=kernel)
+    teacher = teacher.freeze()
+    kernels = {m.config._attn_implementation for m in teacher.modules() if isinstance(m, PreTrainedModel)}
+    assert kernels == {kernel}
+    keys = id_hashes(["qa", "qb"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            teacher.score(QUERIES, DOCS, CANDIDATES, query_keys=keys),
+            default.score(QUERIES, DOCS, CANDIDATES, query_keys=keys),
+        )
+    assert teacher.provenance() == default.provenance()  # the kernel is not part of what a store records

@@ -115,6 +115,40 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_in_train_mode(
         torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["dual_encoder", "colbert"])
+def test_encoding_in_chunks_gives_the_one_pass_loss_and_gradients(kind, quickstart, tmp_path):
+    """encode_chunk_size=2 runs the backbone over 3 documents as passes of 2 + 1 (counted) and gives the loss and
+    gradients of one pass; it is not saved and not part of the provenance."""
+    build = {
+        "dual_encoder": lambda **kw: DualEncoder(quickstart["model"], shared=False, projection_dim=24, **kw),
+        "colbert": lambda **kw: ColBERT(quickstart["model"], dim=16, query_max_length=16, doc_max_length=32, **kw),
+    }[kind]
+    results, passes = [], []
+    for chunk in (None, 2):
+        torch.manual_seed(0)
+        model = build(encode_chunk_size=chunk).train()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        sizes: list[int] = []
+        for m in {id(b): b for b in _backbones(model)}.values():
+            m.register_forward_pre_hook(lambda _, a, kw, log=sizes: log.append(len(kw["input_ids"])), with_kwargs=True)
+        results.append(_loss_and_grads(model, model.prepare(QUERIES, DOCS, CANDIDATES)))
+        passes.append(sorted(sizes))
+        assert "encode_chunk_size" not in model.config
+    assert passes == [[2, 3], [1, 2, 2]]  # queries 2 | documents 3, then documents 2 + 1 (queries fit one pass)
+    (loss, grads), (chunked_loss, chunked_grads) = results
+    torch.testing.assert_close(chunked_loss, loss)
+    assert grads.keys() == chunked_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    model.save_pretrained(tmp_path / "m")
+    assert "chunk" not in (tmp_path / "m" / "kdir_model.json").read_text()
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match=f"encode_chunk_size={bad!r}: expected a positive number"):
+            build(encode_chunk_size=bad)
+
+
 # ------------------------------------------------------------------ MaxSim
 
 
@@ -315,3 +349,79 @@ def test_scoring_sorted_batches_with_a_worker_equals_pairwise_scores(tmp_path, q
         [model.score([t], [ds.corpus.texts[d]], [[0]])[:, 0].numpy() for t, d in zip(texts, pairs[:, 1])]
     )
     np.testing.assert_allclose(values[0], one_by_one, rtol=1e-4, atol=1e-5)
+
+
+def _adamw_factory(**over):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(ROOT / "conf" / "optim" / "adamw.yaml").optimizer
+    return instantiate(OmegaConf.merge(cfg, over))
+
+
+def test_the_default_adamw_is_fused_and_takes_the_unfused_step(tiny_student):
+    import copy
+
+    from kdir.losses import InfoNCE
+    from kdir.training.module import DistillModule
+
+    assert _adamw_factory().keywords["fused"] == "auto"  # optim=adamw (and optim=quickstart, built on it)
+    inputs = tiny_student.preparer()(QUERIES, DOCS, np.array(CANDIDATES))
+    after = []
+    for factory in (_adamw_factory(lr=1e-2), _adamw_factory(lr=1e-2, fused=False)):  # auto: fused in 32-true
+        student = copy.deepcopy(tiny_student).eval()  # no dropout: both see the same computation
+        module = DistillModule(student, InfoNCE("pairwise"), factory)
+        module._trainer = _FakeTrainer("32-true", 1.0)
+        opt = module.configure_optimizers()["optimizer"]
+        assert opt.defaults["fused"] is (factory.keywords["fused"] == "auto")
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(student(inputs), torch.zeros(2, dtype=torch.long)).backward()
+            opt.step()
+        after.append([p.detach().clone() for p in student.parameters()])
+    for fused, plain in zip(*after):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+class _FakeTrainer:
+    """The trainer attributes ``configure_optimizers`` reads (fp16 scaling cannot run on a CPU)."""
+
+    def __init__(self, precision: str, gradient_clip_val: float | None):
+        self.precision, self.gradient_clip_val, self.estimated_stepping_batches = precision, gradient_clip_val, 10
+
+
+@pytest.mark.parametrize("precision,clip,fused,expected", [
+    ("32-true", 1.0, "auto", True),
+    ("bf16-mixed", 1.0, "auto", None),  # Lightning clips no fused optimizer under mixed precision: torch's default
+    ("16-mixed", 1.0, "auto", None),
+    ("16-mixed", None, "auto", True),
+    ("bf16-mixed", 1.0, True, "error"),
+    ("16-mixed", 1.0, True, "error"),
+    ("bf16-mixed", 1.0, False, False),
+])  # fmt: skip
+def test_fused_auto_follows_the_trainer_and_fused_true_under_mixed_clipping_names_the_setting(
+    tiny_student, precision, clip, fused, expected
+):
+    from kdir.losses import InfoNCE
+    from kdir.training.module import DistillModule
+
+    module = DistillModule(tiny_student, InfoNCE("pairwise"), _adamw_factory(fused=fused))
+    module._trainer = _FakeTrainer(precision, clip)
+    if expected == "error":
+        with pytest.raises(ConfigError, match=r"set optim\.optimizer\.fused=auto \(or false\)"):
+            module.configure_optimizers()
+        module = DistillModule(tiny_student, InfoNCE("pairwise"), _adamw_factory(fused="auto"))  # the hint, as given
+        module._trainer = _FakeTrainer(precision, clip)
+        expected = None
+    assert module.configure_optimizers()["optimizer"].defaults["fused"] is expected
+
+
+def test_the_fp16_recipes_use_no_fused_optimizer():
+    """experiment=margin_mse and collective_kd train in 16-mixed with clipping: their optimisers are not fused."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        for name in ("margin_mse", "collective_kd"):
+            cfg = compose("run", overrides=[f"experiment={name}"])
+            assert cfg.trainer.precision == "16-mixed" and cfg.trainer.gradient_clip_val
+            assert not cfg.optim.optimizer.get("fused", False), name

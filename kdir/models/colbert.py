@@ -36,7 +36,7 @@ from transformers.utils import cached_file
 
 from kdir.errors import ConfigError
 from kdir.models.base import Scorer, as_candidates, to_device
-from kdir.models.hf import backbone_from_config, fast_tokenizer, load_backbone
+from kdir.models.hf import backbone_from_config, check_chunk_size, fast_tokenizer, hidden_states, load_backbone
 
 Side = Literal["query", "doc"]
 Similarity = Literal["cosine", "l2"]
@@ -235,6 +235,8 @@ class ColBERT(Scorer):
             ``kdir.score`` would store noisy scores: turn it off there. Not saved with the folder.
         attn_implementation: the backbone's attention kernel, ``sdpa`` or ``eager`` (``None``: transformers'
             default; :mod:`kdir.models.hf`). Speed only: not saved, not part of the provenance.
+        encode_chunk_size: run the backbone over at most this many sequences per pass, the passes joined
+            (``None``: a batch in one pass; :func:`kdir.models.hf.hidden_states`). Speed only: not saved.
     """
 
     name = "colbert"
@@ -261,8 +263,10 @@ class ColBERT(Scorer):
         skip_prefix_tokens: int = 0,
         dropout_when_frozen: bool = False,
         attn_implementation: Literal["sdpa", "eager"] | None = None,
+        encode_chunk_size: int | None = None,
     ):
         super().__init__()
+        self.encode_chunk_size = check_chunk_size(encode_chunk_size)
         if similarity not in ("cosine", "l2"):
             raise ConfigError(f"similarity must be 'cosine' or 'l2', got {similarity!r}")
         masked_doc_tokens = check_masked_doc_tokens(masked_doc_tokens)
@@ -339,7 +343,7 @@ class ColBERT(Scorer):
         the first ``skip_prefix_tokens`` positions of both.
         """
         ids, attention = inputs["input_ids"], inputs["attention_mask"]
-        emb = self.linear(self.bert(input_ids=ids, attention_mask=attention).last_hidden_state)
+        emb = self.linear(hidden_states(self.bert, ids, attention, self.encode_chunk_size))
         if side == "doc" or self.config["normalize_queries"]:
             emb = nn.functional.normalize(emb, dim=-1)
         if side == "query":

@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kdir.errors import ConfigError, MissingFileError
 from kdir.models.base import CONFIG_NAME, Scorer, read_settings, to_device
-from kdir.models.hf import fast_tokenizer, load_backbone
+from kdir.models.hf import check_chunk_size, fast_tokenizer, hidden_states, load_backbone
 from kdir.models.st_format import (
     export_sentence_transformers,
     is_sentence_transformers_folder,
@@ -288,6 +288,8 @@ class DualEncoder(Scorer):
         doc_projection_dim: a frozen document tower's own projection size (the teacher's document projection).
         attn_implementation: the backbones' attention kernel, ``sdpa`` or ``eager`` (``None``: transformers'
             default; :mod:`kdir.models.hf`). Speed only: not saved, not part of the provenance.
+        encode_chunk_size: run the backbone over at most this many sequences per pass, the passes joined
+            (``None``: a batch in one pass; :func:`kdir.models.hf.hidden_states`). Speed only: not saved.
     """
 
     name = "dual_encoder"
@@ -323,8 +325,10 @@ class DualEncoder(Scorer):
         doc_add_sep: bool | None = None,
         doc_projection_dim: int | None = None,
         attn_implementation: Literal["sdpa", "eager"] | None = None,
+        encode_chunk_size: int | None = None,
     ):
         super().__init__()
+        self.encode_chunk_size = check_chunk_size(encode_chunk_size)
         if freeze_doc_encoder and shared:
             raise ConfigError("freeze_doc_encoder needs separate towers (shared=false)")
         path = Path(str(model_name_or_path))
@@ -471,7 +475,7 @@ class DualEncoder(Scorer):
     def encode(self, tokens: dict[str, Tensor], side: Side) -> Tensor:
         """Embed tokenised texts of one side: ``[N, dim]``."""
         encoder = self.query_encoder if side == "query" else self.doc_encoder
-        hidden = encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        hidden = hidden_states(encoder, tokens["input_ids"], tokens["attention_mask"], self.encode_chunk_size)
         emb = self.pool(hidden, tokens["attention_mask"], side)
         proj = self.query_projection if side == "query" else self.doc_projection
         if proj is not None:

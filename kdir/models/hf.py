@@ -6,6 +6,12 @@ leaves transformers' default (transformers 5.x gives BERT-like models ``sdpa``),
 it), ``eager`` for the plain matmul-softmax-matmul. It changes speed and memory, not the model: scores agree to
 floating-point rounding. It is not written to a saved folder (transformers leaves it out of ``config.json``, kdir
 out of ``kdir_model.json``), so a folder never imposes a kernel on whoever loads it.
+
+``encode_chunk_size`` (:func:`hidden_states`) runs a backbone over a batch of more sequences in chunks of that
+many, one after the other, and joins the hidden states: one graph, one backward, the same numbers up to
+floating-point rounding. A speed setting too (not saved): on CPUs, a training forward over the 64 documents of 32
+(query, positive, negative) triples runs about 7 % faster as two passes of 32 than as one (cache-sized
+activations); on GPUs one large pass is usually fastest, the default.
 """
 
 from __future__ import annotations
@@ -33,6 +39,29 @@ from kdir.errors import ConfigError, KdirError, MissingFileError
 # default, and fp16/bf16 parameters would silently train in half precision): mixed precision is the trainer's job.
 FP32 = {"dtype": torch.float32} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": torch.float32}
 ATTN_IMPLEMENTATIONS = (None, "sdpa", "eager")
+
+
+def check_chunk_size(encode_chunk_size: int | None) -> int | None:
+    """``encode_chunk_size``: a positive number of sequences, or ``None`` (every batch in one pass)."""
+    if encode_chunk_size is not None and (
+        isinstance(encode_chunk_size, bool) or not isinstance(encode_chunk_size, int) or encode_chunk_size < 1
+    ):
+        raise ConfigError(
+            f"encode_chunk_size={encode_chunk_size!r}: expected a positive number of sequences per backbone pass, or "
+            "null (a batch in one pass)"
+        )
+    return encode_chunk_size
+
+
+def hidden_states(backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """The backbone's last hidden states ``[N, L, h]`` of ``ids`` / ``mask [N, L]``, in passes of at most ``chunk``
+    sequences (``None``: one pass)."""
+    if chunk is None or len(ids) <= chunk:
+        return backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    return torch.cat([
+        backbone(input_ids=ids[s : s + chunk], attention_mask=mask[s : s + chunk]).last_hidden_state
+        for s in range(0, len(ids), chunk)
+    ])  # fmt: skip
 
 
 def attention_kwargs(attn_implementation: str | None) -> dict[str, str]:

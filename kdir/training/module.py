@@ -7,6 +7,7 @@ metrics are logged as ``val/nDCG@10`` etc.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -329,7 +330,13 @@ class DistillModule(pl.LightningModule):
         for p in [*self.student.parameters(), *self.loss.parameters()]:
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)
-        opt = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        opt = self._optimizer_factory()([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        if getattr(opt, "_step_supports_amp_scaling", False) and self._clips_mixed_precision():
+            raise ConfigError(
+                f"optim.optimizer.fused=true with trainer.precision={self.trainer.precision} and "
+                f"trainer.gradient_clip_val={self.trainer.gradient_clip_val}: Lightning does not clip the gradients "
+                "of a fused optimizer under mixed precision; set optim.optimizer.fused=auto (or false)"
+            )
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
         if self.schedule == "constant":
@@ -339,6 +346,19 @@ class DistillModule(pl.LightningModule):
         else:
             sched = get_linear_schedule_with_warmup(opt, warmup, max(total, 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _clips_mixed_precision(self) -> bool:
+        """Whether the trainer clips gradients under mixed precision (``16-mixed``, ``bf16-mixed``)."""
+        return "mixed" in str(self.trainer.precision) and bool(self.trainer.gradient_clip_val)
+
+    def _optimizer_factory(self) -> Callable[..., torch.optim.Optimizer]:
+        """The optimizer, with ``fused=auto`` decided: fused (one kernel per step for all parameters) unless the
+        trainer clips gradients under mixed precision, which Lightning refuses for fused optimizers; then torch's
+        default (foreach on CUDA)."""
+        factory = self.optimizer_factory
+        if isinstance(factory, functools.partial) and factory.keywords.get("fused") == "auto":
+            return functools.partial(factory, fused=None if self._clips_mixed_precision() else True)
+        return factory
 
     # ---------------------------------------------------------------- evaluation
     def _encode_step(self, batch: dict, dataloader_idx: int) -> None:
