@@ -420,6 +420,7 @@ def kdir_overrides(args: argparse.Namespace, data: BenchData, path: Path, out: P
         *([f"teacher.attn_implementation={args.attn_implementation}"] if args.attn_implementation and teacher else []),
         *([f"finite_check={args.finite_check}"] if args.finite_check else []),
         *([f"student.encode_chunk_size={args.encode_chunk_size}"] if args.encode_chunk_size else []),
+        *(["data.pretokenize=true"] if args.pretokenize else []),
     ]
     return [
         "student=minilm_l6",  # DualEncoder, mean pooling
@@ -720,6 +721,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     knobs.add_argument("--attn-implementation", choices=["sdpa", "eager"], help="student.attn_implementation (both)")
     knobs.add_argument("--finite-check", choices=["step", "log"], help="finite_check")
     knobs.add_argument("--encode-chunk-size", type=int, help="student.encode_chunk_size=N")
+    knobs.add_argument("--pretokenize", action="store_true", help="data.pretokenize=true")
     knobs.add_argument("--st-compile", action="store_true", help="sentence-transformers' torch_compile=True")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.model.split(",") if m.strip()]

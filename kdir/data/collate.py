@@ -134,13 +134,17 @@ class TrainCollator:
             own = candidate_columns(b, n, "pairwise") if self.layout == "inbatch" else None  # [B, 1+n] columns
             teacher = self.signal.collate(q, unique, candidates, qtexts, dtexts, g, own=own, generated=drawn)
         return TrainBatch(
-            inputs=self.prepare(qtexts, dtexts, candidates),
+            inputs=self.prepare(qtexts, dtexts, candidates, **self._rows(unique)),
             positive=torch.from_numpy(positive),
             false_negative=torch.from_numpy(is_pos),
             generated=torch.arange(b + g) >= b,
             rows=item["rows"],
             **teacher,
         )
+
+    def _rows(self, unique: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch documents' corpus rows, for a preparer reading a pre-tokenised table (``data.pretokenize``)."""
+        return {"doc_rows": unique} if getattr(self.prepare, "doc_table", None) is not None else {}
 
 
 def source_codes(generated: GeneratedQueries, dataset: IRDataset) -> np.ndarray:

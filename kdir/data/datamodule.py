@@ -22,6 +22,7 @@ from kdir.data.collate import EncodeCollator, Formatter, LengthSortedRows, Signa
 from kdir.data.dataset import IRDataset
 from kdir.data.examples import Examples, QrelsExamples, TripleExamples
 from kdir.data.stream import ExampleStream
+from kdir.data.tokens import TokenTable
 from kdir.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ class DistillDataModule(pl.LightningDataModule):
         bucket_batches: length bucketing: within each window of this many batches, examples are grouped by the
             length of their positive document (less padding; exactly once per epoch still).
             ``0``: off (the papers' random batches). See :mod:`kdir.data.stream`.
+        pretokenize: tokenise every corpus document once, before training, with the student's document formatter
+            (:mod:`kdir.data.tokens`); batches then gather their documents' ids instead of tokenising the texts
+            (the same inputs). Dual-encoder students.
     """
 
     def __init__(
@@ -76,8 +80,12 @@ class DistillDataModule(pl.LightningDataModule):
         persistent_workers: bool = False,
         prefetch_factor: int | None = None,
         bucket_batches: int = 0,
+        pretokenize: bool = False,
     ):
         super().__init__()
+        if not isinstance(pretokenize, bool):
+            raise ConfigError(f"data.pretokenize={pretokenize!r}: expected true or false")
+        self.pretokenize, self._doc_table = pretokenize, None
         for name, value in (("bucket_batches", bucket_batches), ("num_workers", num_workers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"data.{name}={value!r}: expected an integer >= 0")
@@ -193,7 +201,7 @@ class DistillDataModule(pl.LightningDataModule):
         self.set_epoch(self.position[0])
         collate = TrainCollator(
             self.train,
-            self.prepare,
+            self._preparer(),
             self.layout,
             self.signal,
             self.generated,
@@ -203,6 +211,20 @@ class DistillDataModule(pl.LightningDataModule):
             generated_source_docs=self.generated_source_docs,
         )
         return DataLoader(self.stream, batch_size=None, collate_fn=collate, **self._loader_settings())
+
+    def _preparer(self) -> Preparer:
+        """The attached preparer; with ``pretokenize``, reading the corpus tokens from a table built once."""
+        if not self.pretokenize:
+            return self.prepare
+        with_table = getattr(self.prepare, "with_doc_table", None)
+        if with_table is None:
+            raise ConfigError(
+                f"data.pretokenize=true needs a dual-encoder student (one document formatter); "
+                f"{type(self.prepare).__name__} tokenises its batches itself: set data.pretokenize=false"
+            )
+        if self._doc_table is None:
+            self._doc_table = TokenTable.build(self.prepare.doc_formatter, self.train.corpus.texts)
+        return with_table(self._doc_table)
 
     def _loader_settings(self) -> dict[str, Any]:
         """Workers, pinned memory, persistence and prefetching of every loader of this datamodule."""

@@ -242,18 +242,45 @@ class TextFormatter:
             ids, mask = ids.masked_fill(filler, self.tokenizer.mask_token_id), torch.ones_like(mask)
         return {"input_ids": ids, "attention_mask": mask}
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids as :meth:`__call__` makes them, unpadded (what a pre-tokenised table holds:
+        :class:`kdir.data.tokens.TokenTable`, padded on the right as here)."""
+        if self.mask_padding:
+            raise ConfigError("pre-tokenised texts are padded with [PAD]: not for mask_padding (TCT-ColBERT queries)")
+        if self.tokenizer.padding_side != "right":
+            raise ConfigError(f"pre-tokenised texts are padded on the right; the tokenizer pads on the "
+                              f"{self.tokenizer.padding_side}")  # fmt: skip
+        texts = [self.prefix + t for t in texts] if self.prefix else list(texts)
+        if self.add_sep:
+            return self.tokenizer(texts, max_length=self.max_length, truncation=True)["input_ids"]
+        enc = self.tokenizer(texts, max_length=self.max_length - 1, truncation=True, add_special_tokens=False)
+        return [[self.tokenizer.cls_token_id, *ids] for ids in enc["input_ids"]]
+
 
 class DualPreparer:
     """A dual encoder's batch tokenisation: each query and each distinct document once (picklable, no weights)."""
 
-    def __init__(self, query_formatter: TextFormatter, doc_formatter: TextFormatter):
-        self.query_formatter, self.doc_formatter = query_formatter, doc_formatter
+    def __init__(self, query_formatter: TextFormatter, doc_formatter: TextFormatter, doc_table: Any = None):
+        self.query_formatter, self.doc_formatter, self.doc_table = query_formatter, doc_formatter, doc_table
 
-    def __call__(self, queries: Sequence[str], docs: Sequence[str], candidates: np.ndarray | Tensor) -> dict:
-        """``{"query", "doc", "candidates"}``: ``candidates [B, C]`` index the batch's distinct ``docs``."""
+    def with_doc_table(self, table: Any) -> DualPreparer:
+        """This preparer reading the documents' tokens from ``table`` (a :class:`kdir.data.tokens.TokenTable` of the
+        corpus, built with :attr:`doc_formatter`) when a batch gives their corpus rows."""
+        return DualPreparer(self.query_formatter, self.doc_formatter, table)
+
+    def __call__(
+        self,
+        queries: Sequence[str],
+        docs: Sequence[str],
+        candidates: np.ndarray | Tensor,
+        doc_rows: np.ndarray | None = None,
+    ) -> dict:
+        """``{"query", "doc", "candidates"}``: ``candidates [B, C]`` index the batch's distinct ``docs``; with a
+        document table and ``doc_rows`` (the corpus rows of ``docs``), their tokens come from the table."""
+        table = self.doc_table is not None and doc_rows is not None
         return {
             "query": self.query_formatter(queries),
-            "doc": self.doc_formatter(docs),
+            "doc": self.doc_table.batch(doc_rows) if table else self.doc_formatter(docs),
             "candidates": torch.as_tensor(np.asarray(candidates), dtype=torch.long),
         }
 
