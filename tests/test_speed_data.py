@@ -113,6 +113,7 @@ SPEED_KNOBS = [
     "data.prefetch_factor=2",
     "data.pin_memory=true",  # no accelerator here: PyTorch warns and leaves batches unpinned
     "data.bucket_batches=4",
+    "data.pretokenize=true",
     "finite_check=log",
     "gradient_checkpointing=true",
     "student.encode_chunk_size=5",

@@ -107,3 +107,22 @@ def test_pretokenize_names_the_setting_for_a_student_without_one_document_format
     assert "data.pretokenize=true needs a dual-encoder student" in (out / "run.log").read_text()
     assert run_command("kdir.run", "data.pretokenize=yes", f"hydra.run.dir={tmp_path / 'bad'}") == 2
     assert "data.pretokenize='yes': expected true or false" in (tmp_path / "bad" / "run.log").read_text()
+
+
+def test_bucketing_with_a_table_sorts_by_tokens(tmp_path, quickstart):
+    from conftest import compose_cfg
+    from hydra.utils import instantiate
+
+    import kdir  # noqa: F401  (config resolvers)
+
+    cfg = compose_cfg(tmp_path, ["data.pretokenize=true", "data.bucket_batches=4"])
+    student, datamodule = instantiate(cfg.student), instantiate(cfg.data)
+    datamodule.attach(student.preparer(), "pairwise")
+    loader = datamodule.train_dataloader()
+    table = datamodule._doc_table
+    positives = datamodule.examples.positives
+    assert np.array_equal(datamodule._lengths(), table.lengths(positives))
+    assert np.array_equal(table.lengths(), [len(ids) for ids in student.formatter("doc").token_ids(
+        datamodule.train.corpus.texts)])  # fmt: skip
+    batch = next(iter(loader))
+    assert batch.inputs["doc"]["input_ids"].shape[1] <= table.lengths().max()

@@ -194,6 +194,7 @@ class DistillDataModule(pl.LightningDataModule):
         if self.prepare is None:
             raise RuntimeError("DistillDataModule.attach(prepare, layout, signal) must come before training")
         rank, world = self._world()
+        prepare = self._preparer()
         lengths = self._lengths() if self.bucket_batches > 1 else None
         self.stream = ExampleStream(
             self.examples, self.batch_size, self.seed, self.shuffle, rank, world, self.bucket_batches, lengths
@@ -201,7 +202,7 @@ class DistillDataModule(pl.LightningDataModule):
         self.set_epoch(self.position[0])
         collate = TrainCollator(
             self.train,
-            self._preparer(),
+            prepare,
             self.layout,
             self.signal,
             self.generated,
@@ -239,7 +240,10 @@ class DistillDataModule(pl.LightningDataModule):
         return out
 
     def _lengths(self) -> np.ndarray:
-        """Each example's length for bucketing: the characters of its positive document (a proxy for its tokens)."""
+        """Each example's length for bucketing: the tokens of its positive document with a pre-tokenised table,
+        else its characters (a proxy for its tokens)."""
+        if self._doc_table is not None:
+            return self._doc_table.lengths(self.examples.positives)
         texts = self.train.corpus.texts
         doc_chars = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
         return doc_chars[self.examples.positives]
