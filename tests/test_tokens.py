@@ -126,3 +126,56 @@ def test_bucketing_with_a_table_sorts_by_tokens(tmp_path, quickstart):
         datamodule.train.corpus.texts)])  # fmt: skip
     batch = next(iter(loader))
     assert batch.inputs["doc"]["input_ids"].shape[1] <= table.lengths().max()
+
+
+class _Counting:
+    """A formatter that counts the texts it tokenises."""
+
+    def __init__(self, formatter: TextFormatter):
+        self.inner, self.calls = formatter, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def token_ids(self, texts):
+        self.calls += len(texts)
+        return self.inner.token_ids(texts)
+
+
+def test_a_cached_table_is_read_back_and_rebuilt_when_its_inputs_differ(quickstart, tmp_path, caplog):
+    tokenizer = fast_tokenizer(quickstart["model"])
+    cache = tmp_path / "tokens"
+    first = _Counting(TextFormatter(tokenizer, 16))
+    built = TokenTable.cached(first, TEXTS, cache)
+    assert first.calls == len(TEXTS) and {p.name for p in cache.iterdir()} == {"ids.npy", "offsets.npy", "meta.json"}
+    again = _Counting(TextFormatter(tokenizer, 16))
+    read = TokenTable.cached(again, TEXTS, cache)
+    assert again.calls == 0 and isinstance(read.ids, np.memmap)  # memory-mapped, not tokenised again
+    rows = np.array([3, 0, 4])
+    for key, value in again.inner(list(np.asarray(TEXTS, dtype=object)[rows])).items():
+        assert torch.equal(read.batch(rows)[key], value) and torch.equal(built.batch(rows)[key], value)
+    for formatter, texts, differs in (
+        (TextFormatter(tokenizer, 12), TEXTS, "max_length"),
+        (TextFormatter(tokenizer, 16), [*TEXTS[:-1], "another text"], "texts_xxh64"),
+        (TextFormatter(fast_tokenizer(L3), 16), TEXTS, "tokenizer_xxh64"),
+    ):
+        counting = _Counting(formatter)
+        with caplog.at_level("WARNING"):
+            table = TokenTable.cached(counting, texts, cache)
+        assert counting.calls == len(texts) and differs in caplog.text
+        assert torch.equal(table.batch(rows)["input_ids"], formatter([texts[r] for r in rows])["input_ids"])
+    (cache / "meta.json").unlink()  # a write killed before its last file: the table is not taken as complete
+    counting = _Counting(TextFormatter(tokenizer, 16))
+    TokenTable.cached(counting, TEXTS, cache)
+    assert counting.calls == len(TEXTS)
+
+
+def test_a_cached_run_trains_as_the_run_without_it(tmp_path, quickstart):
+    plain, _ = _fit(tmp_path, "plain")
+    cache = tmp_path / "tokens"
+    runs = [_fit(tmp_path, f"cached{i}", "data.pretokenize=true", f"data.pretokenize_cache={cache}") for i in (1, 2)]
+    assert "pre-tokenised documents read from" in runs[1][1] and "pre-tokenised documents read" not in runs[0][1]
+    assert runs[0][0]["trained"] == runs[1][0]["trained"] == plain["trained"]
+    out = tmp_path / "bad"
+    assert run_command("kdir.run", f"data.pretokenize_cache={cache}", f"hydra.run.dir={out}") == 2
+    assert "data.pretokenize_cache needs data.pretokenize=true" in (out / "run.log").read_text()

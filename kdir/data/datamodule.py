@@ -63,6 +63,8 @@ class DistillDataModule(pl.LightningDataModule):
         pretokenize: tokenise every corpus document once, before training, with the student's document formatter
             (:mod:`kdir.data.tokens`); batches then gather their documents' ids instead of tokenising the texts
             (the same inputs). Dual-encoder students.
+        pretokenize_cache: a folder for the table: later runs and DDP ranks memory-map it (rebuilt when the
+            tokenizer, its settings or the corpus differ). ``None``: built in memory by every run.
     """
 
     def __init__(
@@ -81,11 +83,14 @@ class DistillDataModule(pl.LightningDataModule):
         prefetch_factor: int | None = None,
         bucket_batches: int = 0,
         pretokenize: bool = False,
+        pretokenize_cache: str | None = None,
     ):
         super().__init__()
         if not isinstance(pretokenize, bool):
             raise ConfigError(f"data.pretokenize={pretokenize!r}: expected true or false")
-        self.pretokenize, self._doc_table = pretokenize, None
+        if pretokenize_cache is not None and not pretokenize:
+            raise ConfigError("data.pretokenize_cache needs data.pretokenize=true")
+        self.pretokenize, self.pretokenize_cache, self._doc_table = pretokenize, pretokenize_cache, None
         for name, value in (("bucket_batches", bucket_batches), ("num_workers", num_workers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"data.{name}={value!r}: expected an integer >= 0")
@@ -224,7 +229,8 @@ class DistillDataModule(pl.LightningDataModule):
                 f"{type(self.prepare).__name__} tokenises its batches itself: set data.pretokenize=false"
             )
         if self._doc_table is None:
-            self._doc_table = TokenTable.build(self.prepare.doc_formatter, self.train.corpus.texts)
+            texts = self.train.corpus.texts
+            self._doc_table = TokenTable.cached(self.prepare.doc_formatter, texts, self.pretokenize_cache)
         return with_table(self._doc_table)
 
     def _loader_settings(self) -> dict[str, Any]:

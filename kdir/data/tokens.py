@@ -7,18 +7,29 @@ of every document as the student's document formatter makes them (prefix, trunca
 flat array; a batch then only gathers and pads its rows (:meth:`TokenTable.batch`), with the inputs the formatter
 gives, exactly. The table is built in the main process before the dataloader workers start, which share it under
 the fork start method (copy-on-write pages; spawn would copy it into each worker).
+
+With ``data.pretokenize_cache=<dir>`` the table is saved there (``ids.npy``, ``offsets.npy``, then ``meta.json``, each
+written atomically; ``meta.json`` last, so a killed write leaves no table that looks complete) and later runs and
+DDP ranks memory-map it instead of tokenising again (one copy in the page cache). ``meta.json`` records what the
+table was built from: the tokenizer (a hash of its serialised form), the formatter's settings and the texts (count
+and xxh64); a table of anything else is rebuilt, with a log line naming the difference.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 from torch import Tensor
+
+from kdir.utils.io import save_json, save_npy
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,29 @@ class TokenTable:
         )  # fmt: skip
         return table
 
+    @classmethod
+    def cached(cls, formatter: Any, texts: Sequence[str], cache: str | Path | None) -> TokenTable:
+        """The table of ``texts``: memory-mapped from ``cache`` when it holds one built from the same tokenizer,
+        settings and texts, else built (and saved there when ``cache`` is given)."""
+        if cache is None:
+            return cls.build(formatter, texts)
+        cache, record = Path(cache), table_record(formatter, texts)
+        meta = cache / "meta.json"
+        if meta.is_file():
+            saved = json.loads(meta.read_text())
+            if saved == record:
+                table = cls(np.load(cache / "ids.npy", mmap_mode="r"), np.load(cache / "offsets.npy"), saved["pad_id"])
+                log.info("pre-tokenised documents read from %s (%d documents)", cache, len(table))
+                return table
+            differs = sorted(k for k in record.keys() | saved.keys() if record.get(k) != saved.get(k))
+            log.warning("data.pretokenize_cache=%s: rebuilding it (%s differ)", cache, ", ".join(differs))
+            meta.unlink(missing_ok=True)  # another rank may be rebuilding it too
+        table = cls.build(formatter, texts)
+        save_npy(np.asarray(table.ids), cache / "ids.npy")
+        save_npy(table.offsets, cache / "offsets.npy")
+        save_json(record, meta)  # last: the mark of a complete table
+        return table
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
@@ -73,3 +107,29 @@ class TokenTable:
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         ids[mask] = self.ids[(starts[:, None] + positions)[mask]]
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+
+
+def table_record(formatter: Any, texts: Sequence[str]) -> dict[str, Any]:
+    """What a saved table is built from: the tokenizer, the formatter's settings, the texts."""
+    digest = xxhash.xxh64()
+    for text in texts:
+        digest.update(text.encode() + b"\0")
+    tokenizer = formatter.tokenizer
+    return {
+        "kind": "kdir-token-table/1",
+        "tokenizer_xxh64": tokenizer_hash(tokenizer),
+        "pad_id": int(tokenizer.pad_token_id),
+        "max_length": formatter.max_length,
+        "prefix": formatter.prefix,
+        "add_sep": formatter.add_sep,
+        "texts": len(texts),
+        "texts_xxh64": digest.hexdigest(),
+    }
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """xxh64 of a fast tokenizer's serialised form, without the truncation and padding state its calls set."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    return xxhash.xxh64(json.dumps(state, sort_keys=True).encode()).hexdigest()
