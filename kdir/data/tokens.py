@@ -17,6 +17,7 @@ and xxh64); a table of anything else is rebuilt, with a log line naming the diff
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -51,10 +52,10 @@ class TokenTable:
         """Tokenise ``texts`` with ``formatter.token_ids`` (a :class:`~kdir.models.dual_encoder.TextFormatter`),
         ``chunk`` texts at a time."""
         start, parts, lengths = time.perf_counter(), [], []
-        for s in range(0, len(texts), chunk):
-            for ids in formatter.token_ids(texts[s : s + chunk]):
-                parts.append(np.asarray(ids, dtype=np.int64))
-                lengths.append(len(ids))
+        for s in range(0, len(texts), chunk):  # one array per chunk: no per-text objects kept
+            ids = formatter.token_ids(texts[s : s + chunk])
+            parts.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64))
+            lengths.extend(map(len, ids))
         flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         dtype = np.uint16 if flat.size == 0 or flat.max() < 2**16 else np.int32
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
