@@ -88,6 +88,8 @@ class TrainCollator:
         if generated is not None and generated_per_batch > 0 and layout != "inbatch":
             raise ConfigError("generated queries need the inbatch layout (they have no documents of their own)")
         self.dataset, self.prepare, self.layout, self.signal = dataset, prepare, layout, signal
+        # a preparer reading a pre-tokenised table (data.pretokenize) takes the batch documents' corpus rows
+        self.tabled = getattr(prepare, "doc_table", None) is not None
         self.generated = generated if generated is not None and generated_per_batch > 0 else None
         self.n_generated = min(generated_per_batch, len(generated)) if self.generated is not None else 0
         self.seed = seed
@@ -134,17 +136,13 @@ class TrainCollator:
             own = candidate_columns(b, n, "pairwise") if self.layout == "inbatch" else None  # [B, 1+n] columns
             teacher = self.signal.collate(q, unique, candidates, qtexts, dtexts, g, own=own, generated=drawn)
         return TrainBatch(
-            inputs=self.prepare(qtexts, dtexts, candidates, **self._rows(unique)),
+            inputs=self.prepare(qtexts, dtexts, candidates, **({"doc_rows": unique} if self.tabled else {})),
             positive=torch.from_numpy(positive),
             false_negative=torch.from_numpy(is_pos),
             generated=torch.arange(b + g) >= b,
             rows=item["rows"],
             **teacher,
         )
-
-    def _rows(self, unique: np.ndarray) -> dict[str, np.ndarray]:
-        """The batch documents' corpus rows, for a preparer reading a pre-tokenised table (``data.pretokenize``)."""
-        return {"doc_rows": unique} if getattr(self.prepare, "doc_table", None) is not None else {}
 
 
 def source_codes(generated: GeneratedQueries, dataset: IRDataset) -> np.ndarray:

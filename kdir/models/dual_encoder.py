@@ -215,25 +215,21 @@ class TextFormatter:
         self.tokenizer, self.max_length, self.prefix, self.mask_padding = tokenizer, max_length, prefix, mask_padding
         self.add_sep = add_sep
 
-    def __call__(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        if self.prefix:
-            texts = [self.prefix + t for t in texts]
-        padding = "max_length" if self.mask_padding else True
+    def _tokenize(self, texts: Sequence[str], **kw: Any) -> Any:
+        """The tokenizer's encoding of the prefixed, truncated texts: with ``[CLS]``/``[SEP]`` (``add_sep``), else
+        the text's first ``max_length - 1`` tokens alone (the caller adds ``[CLS]``)."""
+        texts = [self.prefix + t for t in texts] if self.prefix else list(texts)
         if self.add_sep:
-            enc = self.tokenizer(
-                list(texts), max_length=self.max_length, truncation=True, return_tensors="pt", padding=padding
-            )
+            return self.tokenizer(texts, max_length=self.max_length, truncation=True, **kw)
+        return self.tokenizer(texts, max_length=self.max_length - 1, truncation=True, add_special_tokens=False, **kw)
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        padding = "max_length" if self.mask_padding else True
+        enc = self._tokenize(texts, return_tensors="pt", padding=padding)
+        if self.add_sep:
             ids, mask = enc["input_ids"], enc["attention_mask"]
             filler = (mask == 0) | (ids == self.tokenizer.sep_token_id)  # the final [SEP] becomes a [MASK] too
         else:  # [CLS] + the text's first max_length - 1 tokens
-            enc = self.tokenizer(
-                list(texts),
-                max_length=self.max_length - 1,
-                truncation=True,
-                return_tensors="pt",
-                padding=padding,
-                add_special_tokens=False,
-            )
             n = len(enc["input_ids"])
             ids = torch.cat([torch.full((n, 1), self.tokenizer.cls_token_id), enc["input_ids"]], 1)
             mask = torch.cat([torch.ones(n, 1, dtype=enc["attention_mask"].dtype), enc["attention_mask"]], 1)
@@ -250,11 +246,8 @@ class TextFormatter:
         if self.tokenizer.padding_side != "right":
             raise ConfigError(f"pre-tokenised texts are padded on the right; the tokenizer pads on the "
                               f"{self.tokenizer.padding_side}")  # fmt: skip
-        texts = [self.prefix + t for t in texts] if self.prefix else list(texts)
-        if self.add_sep:
-            return self.tokenizer(texts, max_length=self.max_length, truncation=True)["input_ids"]
-        enc = self.tokenizer(texts, max_length=self.max_length - 1, truncation=True, add_special_tokens=False)
-        return [[self.tokenizer.cls_token_id, *ids] for ids in enc["input_ids"]]
+        ids = self._tokenize(texts)["input_ids"]
+        return ids if self.add_sep else [[self.tokenizer.cls_token_id, *i] for i in ids]
 
 
 class DualPreparer:

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
-import xxhash
 
 from kdir.data.dataset import IRDataset
 from kdir.errors import ConfigError, KdirError
@@ -29,7 +28,7 @@ from kdir.retrieval.search import (
     to_gpu,
 )
 from kdir.stores import id_hashes
-from kdir.utils.io import save_json
+from kdir.utils.io import save_json, texts_xxh64
 from kdir.utils.report import print_metrics
 
 if TYPE_CHECKING:
@@ -171,12 +170,9 @@ class RetrievalEvaluator:
     def index_record(self, model: Scorer) -> dict:
         """What a saved index is built from: factory, the model's provenance, the corpus fingerprint."""
         if self._corpus_fingerprint is None:
-            ids, texts = xxhash.xxh64(), xxhash.xxh64()
-            for i, t in zip(self.dataset.corpus.ids, self.dataset.corpus.texts):
-                ids.update(i.encode() + b"\0")
-                texts.update(t.encode() + b"\0")
-            n = len(self.dataset.corpus)
-            self._corpus_fingerprint = {"documents": n, "ids_xxh64": ids.hexdigest(), "texts_xxh64": texts.hexdigest()}
+            corpus = self.dataset.corpus
+            self._corpus_fingerprint = {"documents": len(corpus), "ids_xxh64": texts_xxh64(corpus.ids),
+                                        "texts_xxh64": texts_xxh64(corpus.texts)}  # fmt: skip
         return {
             "kind": "kdir-faiss-index/1",
             "factory": self.index_factory,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -111,3 +111,13 @@ def build_folder(path: str | Path, build: Callable[[Path], Any]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def texts_xxh64(texts: Iterable[str]) -> str:
+    """xxh64 of texts in order, each UTF-8 and ``\\0``-terminated: a fingerprint of a corpus's ids or texts."""
+    import xxhash
+
+    digest = xxhash.xxh64()
+    for text in texts:
+        digest.update(text.encode() + b"\0")
+    return digest.hexdigest()
